@@ -1,0 +1,421 @@
+"""MambaVision: A Hybrid Mamba-Transformer Vision Backbone (Hatamizadeh & Kautz, arXiv 2407.08083).
+
+Read top to bottom like the paper: stem -> conv stages (1, 2) -> hybrid Mamba/attention stages (3, 4) -> head.
+The module tree, parameter names, initialisation and even the order of random draws follow the official code
+(NVlabs/MambaVision), so official checkpoints load strictly and a seeded model is the official seeded model.
+Unlike the official code, the selective scan runs without compiled kernels (``mambavision_train.ops``).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch.utils.checkpoint import checkpoint
+
+from ..ops.selective_scan import selective_scan
+
+__all__ = ["MambaVision", "MambaVisionMixer"]
+
+
+# --------------------------------------------------------------------------------------------- building blocks
+class PatchEmbed(nn.Module):
+    """Stem: two stride-2 3x3 convs with BN + ReLU (H/4 x W/4)."""
+
+    def __init__(self, in_chans: int = 3, in_dim: int = 64, dim: int = 96):
+        super().__init__()
+        self.proj = nn.Identity()
+        self.conv_down = nn.Sequential(
+            nn.Conv2d(in_chans, in_dim, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(in_dim, eps=1e-4),
+            nn.ReLU(),
+            nn.Conv2d(in_dim, dim, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(dim, eps=1e-4),
+            nn.ReLU(),
+        )
+
+    def forward(self, x):
+        return self.conv_down(self.proj(x))
+
+
+class Downsample(nn.Module):
+    """Between stages: a stride-2 3x3 conv that doubles the channels, without normalisation."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduction = nn.Sequential(nn.Conv2d(dim, 2 * dim, 3, 2, 1, bias=False))
+
+    def forward(self, x):
+        return self.reduction(x)
+
+
+class ConvBlock(nn.Module):
+    """Stages 1-2: residual conv3x3 -> BN -> GELU(tanh) -> conv3x3 -> BN."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale: float | None = None, kernel_size: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size=kernel_size, stride=1, padding=1)
+        self.norm1 = nn.BatchNorm2d(dim, eps=1e-5)
+        self.act1 = nn.GELU(approximate="tanh")
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=kernel_size, stride=1, padding=1)
+        self.norm2 = nn.BatchNorm2d(dim, eps=1e-5)
+        self.layer_scale = isinstance(layer_scale, (int, float)) and not isinstance(layer_scale, bool)
+        if self.layer_scale:
+            self.gamma = nn.Parameter(layer_scale * torch.ones(dim))
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
+        if self.layer_scale:
+            x = x * self.gamma.view(1, -1, 1, 1)
+        return shortcut + self.drop_path(x)
+
+
+# ----------------------------------------------------------------------------------------------- token mixers
+class MambaVisionMixer(nn.Module):
+    """The MambaVision mixer (paper Fig. 3): a non-causal selective-scan branch and a conv branch without SSM.
+
+    The input is projected and split into x and z (C/2 each). Both go through a depthwise 'same' conv1d and SiLU; x
+    then drives the selective scan, and the two halves are concatenated (no multiplicative gate) and projected back.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 8, d_conv: int = 3, expand: int = 1, dt_rank="auto",
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, scan_impl: str | None = None):
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.scan_impl = scan_impl
+        half = self.d_inner // 2
+        self.in_proj = nn.Linear(d_model, self.d_inner, bias=False)
+        self.x_proj = nn.Linear(half, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, half, bias=True)
+        # Mamba's dt initialisation. QUIRK 2 (official code): MambaVision._init_weights later re-initialises every
+        # Linear, so dt_proj ends at trunc_normal(0.02) weights and a zero bias; this init only advances the RNG.
+        # We keep it so that a seeded model draws exactly the official random numbers.
+        dt_init_std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        dt = torch.exp(torch.rand(half) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(half, 1))
+        self.D = nn.Parameter(torch.ones(half))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.conv1d_x = nn.Conv1d(half, half, kernel_size=d_conv, groups=half, bias=False)
+        self.conv1d_z = nn.Conv1d(half, half, kernel_size=d_conv, groups=half, bias=False)
+
+    def forward(self, hidden_states):  # (B, L, C) -> (B, L, C)
+        seqlen = hidden_states.shape[1]
+        half = self.d_inner // 2
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, C, L)
+        # Both depthwise convs as one grouped conv over the concatenated channels: the same arithmetic, one kernel.
+        conv_w = torch.cat([self.conv1d_x.weight, self.conv1d_z.weight], dim=0)
+        x, z = F.silu(F.conv1d(xz, conv_w, padding="same", groups=self.d_inner)).split(half, dim=1)
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2n)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_proj(dt).transpose(1, 2)  # (B, C/2, L)
+        B = B.transpose(1, 2).contiguous()  # (B, n, L)
+        C = C.transpose(1, 2).contiguous()
+        A = -torch.exp(self.A_log.float())
+        # QUIRK 1 (official code): dt_proj already added its bias, and the scan adds it again as delta_bias,
+        # so delta = softplus(W dt + 2 b). Kept: official checkpoints were trained with it.
+        y = selective_scan(x.contiguous(), dt.contiguous(), A, B, C, self.D.float(), z=None,
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True, impl=self.scan_impl)
+        y = torch.cat([y.to(z.dtype), z], dim=1)  # no gating: the conv branch is concatenated
+        return self.out_proj(y.transpose(1, 2))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention within a window (no position embedding)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        assert dim % num_heads == 0, f"dim {dim} must be divisible by num_heads {num_heads}"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block of stages 3-4 with a Mamba mixer or self-attention, then an MLP."""
+
+    def __init__(self, dim: int, num_heads: int, use_attention: bool, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, layer_scale: float | None = None,
+                 scan_impl: str | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        if use_attention:
+            self.mixer = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        else:
+            self.mixer = MambaVisionMixer(d_model=dim, d_state=8, d_conv=3, expand=1, scan_impl=scan_impl)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        use_ls = isinstance(layer_scale, (int, float)) and not isinstance(layer_scale, bool)
+        self.gamma_1 = nn.Parameter(layer_scale * torch.ones(dim)) if use_ls else 1
+        self.gamma_2 = nn.Parameter(layer_scale * torch.ones(dim)) if use_ls else 1
+
+    def forward(self, x):
+        x = x + self.drop_path(self.gamma_1 * self.mixer(self.norm1(x)))
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+def window_partition(x, ws: int):
+    """(B, C, H, W) -> (B * num_windows, ws * ws, C), windows in raster order."""
+    B, C, H, W = x.shape
+    x = x.view(B, C, H // ws, ws, W // ws, ws)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, ws * ws, C)
+
+
+def window_reverse(windows, ws: int, H: int, W: int):
+    """Inverse of window_partition: (B * num_windows, ws * ws, C) -> (B, C, H, W)."""
+    C = windows.shape[2]
+    x = windows.reshape(-1, H // ws, W // ws, ws, ws, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, C, H, W)
+
+
+def attention_block_indices(depth: int) -> list[int]:
+    """The second half of a stage uses self-attention (the middle block stays Mamba when depth is odd)."""
+    return list(range(depth // 2 + 1, depth)) if depth % 2 else list(range(depth // 2, depth))
+
+
+class MambaVisionLayer(nn.Module):
+    """One stage: conv blocks (stages 1-2) or windowed hybrid blocks (stages 3-4), then an optional downsample."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, conv: bool = False,
+                 downsample: bool = True, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path=0.0, layer_scale=None, layer_scale_conv=None,
+                 scan_impl: str | None = None):
+        super().__init__()
+        dpr = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        self.conv = conv
+        self.transformer_block = not conv
+        if conv:
+            self.blocks = nn.ModuleList([ConvBlock(dim, drop_path=dpr[i], layer_scale=layer_scale_conv) for i in range(depth)])
+        else:
+            attn = set(attention_block_indices(depth))
+            self.blocks = nn.ModuleList([
+                Block(dim, num_heads, use_attention=i in attn, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop,
+                      attn_drop=attn_drop, drop_path=dpr[i], layer_scale=layer_scale, scan_impl=scan_impl)
+                for i in range(depth)])
+        self.downsample = Downsample(dim) if downsample else None
+        self.window_size = window_size
+        self.grad_checkpointing = False
+
+    def forward(self, x):
+        H, W = x.shape[2:]
+        if self.transformer_block:
+            # Zero-pad right/bottom to a multiple of the window, as the official code does (no attention mask).
+            ws = self.window_size
+            pad_r, pad_b = (ws - W % ws) % ws, (ws - H % ws) % ws
+            if pad_r or pad_b:
+                x = F.pad(x, (0, pad_r, 0, pad_b))
+            Hp, Wp = x.shape[2:]
+            x = window_partition(x, ws)
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+        if self.transformer_block:
+            x = window_reverse(x, ws, Hp, Wp)
+            if pad_r or pad_b:
+                x = x[:, :, :H, :W].contiguous()
+        return x if self.downsample is None else self.downsample(x)
+
+
+# ------------------------------------------------------------------------------------------------------- model
+class MambaVision(nn.Module):
+    def __init__(self, dim: int, in_dim: int, depths, window_size, mlp_ratio: float, num_heads,
+                 drop_path_rate: float = 0.2, in_chans: int = 3, num_classes: int = 1000, qkv_bias: bool = True,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, layer_scale=None, layer_scale_conv=None,
+                 scan_impl: str | None = None, **kwargs):
+        super().__init__()
+        kwargs.pop("resolution", None)  # accepted (and ignored) like the official constructor
+        if kwargs:
+            raise TypeError(f"MambaVision got unexpected arguments: {sorted(kwargs)}")
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = int(dim * 2 ** (len(depths) - 1))
+        self.patch_embed = PatchEmbed(in_chans=in_chans, in_dim=in_dim, dim=dim)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
+        self.levels = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            self.levels.append(MambaVisionLayer(
+                dim=int(dim * 2 ** i), depth=depth, num_heads=num_heads[i], window_size=window_size[i],
+                conv=i < 2, downsample=i < len(depths) - 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
+                layer_scale=layer_scale, layer_scale_conv=layer_scale_conv, scan_impl=scan_impl))
+        self.norm = nn.BatchNorm2d(self.num_features)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # timm's model API
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for level in self.levels:
+            level.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool=None):
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x):  # (B, 3, H, W) -> (B, 8*dim, H/32, W/32)
+        x = self.patch_embed(x)
+        for level in self.levels:
+            x = level(x)
+        return self.norm(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+# ------------------------------------------------------------------------------------------ checkpoint filter
+def checkpoint_filter_fn(state_dict, model):
+    """Official checkpoints share our names; only wrappers' prefixes (DDP, torch.compile, HF) need stripping."""
+    from .pretrained import extract_state_dict
+    return extract_state_dict(state_dict, model)
+
+
+# ------------------------------------------------------------------------------------------------ default cfgs
+def _cfg(hf_hub_id: str = "", hf_hub_filename: str = "", **kwargs):
+    return {
+        "hf_hub_id": hf_hub_id, "hf_hub_filename": hf_hub_filename, "num_classes": 1000,
+        "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 1.0, "crop_mode": "center",
+        "interpolation": "bicubic", "fixed_input_size": False, "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.conv_down.0", "classifier": "head",
+        "license": "nvidia-source-code-license-nc", "paper_ids": "arXiv:2407.08083", **kwargs,
+    }
+
+
+def _hf(size: str, filename: str, **kwargs):
+    return _cfg(hf_hub_id=f"nvidia/MambaVision-{size}", hf_hub_filename=filename, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    "mambavision_t.in1k": _hf("T-1K", "mambavision_tiny_1k.pth.tar"),
+    "mambavision_t2.in1k": _hf("T2-1K", "mambavision_tiny2_1k.pth.tar", crop_pct=0.98),
+    "mambavision_s.in1k": _hf("S-1K", "mambavision_small_1k.pth.tar", crop_pct=0.93),
+    "mambavision_b.in1k": _hf("B-1K", "mambavision_base_1k.pth.tar"),
+    "mambavision_b.in21k_ft_in1k": _hf("B-21K", "mambavision_base_21k.pth.tar"),
+    "mambavision_l.in1k": _hf("L-1K", "mambavision_large_1k.pth.tar"),
+    "mambavision_l.in21k_ft_in1k": _hf("L-21K", "mambavision_large_21k.pth.tar"),
+    "mambavision_l2.in1k": _hf("L2-1K", "mambavision_large2_1k.pth.tar"),
+    "mambavision_l2_512.in21k_ft_in1k": _hf("L2-512-21K", "mambavision_L2_21k_240m_512.pth.tar",
+                                            input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode="squash"),
+    "mambavision_l3_256.in21k_ft_in1k": _hf("L3-256-21K", "mambavision_L3_21k_740m_256.pth.tar",
+                                            input_size=(3, 256, 256), pool_size=(8, 8)),
+    "mambavision_l3_512.in21k_ft_in1k": _hf("L3-512-21K", "mambavision_L3_21k_740m_512.pth.tar",
+                                            input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode="squash"),
+    # A small member of the family for CPU demos and tests (no weights): 64 px, windows fit 32-64 px inputs.
+    "mambavision_demo.untrained": _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0,
+                                       license="apache-2.0"),
+})
+
+
+def _create_mambavision(variant: str, pretrained: bool = False, **kwargs):
+    model = build_model_with_cfg(MambaVision, variant, pretrained=False, feature_cfg=dict(flatten_sequential=True),
+                                 **kwargs)
+    if pretrained:
+        from .pretrained import load_pretrained
+        load_pretrained(model, model.pretrained_cfg["hf_hub_id"], filename=model.pretrained_cfg["hf_hub_filename"])
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- variants
+# Per variant: depths, num_heads, window_size, dim, in_dim, drop_path_rate, layer_scale (official model table).
+_SMALL = dict(num_heads=[2, 4, 8, 16], window_size=[8, 8, 14, 7], mlp_ratio=4)
+_LARGE = dict(num_heads=[4, 8, 16, 32], window_size=[8, 8, 14, 7], mlp_ratio=4, in_dim=64, layer_scale=1e-5)
+
+
+def _variant(name: str, pretrained: bool, arch: dict, kwargs: dict):
+    return _create_mambavision(name, pretrained=pretrained, **{**arch, **kwargs})
+
+
+@register_model
+def mambavision_t(pretrained=False, **kwargs) -> MambaVision:
+    return _variant("mambavision_t", pretrained, dict(_SMALL, depths=[1, 3, 8, 4], dim=80, in_dim=32, drop_path_rate=0.2), kwargs)
+
+
+@register_model
+def mambavision_t2(pretrained=False, **kwargs) -> MambaVision:
+    return _variant("mambavision_t2", pretrained, dict(_SMALL, depths=[1, 3, 11, 4], dim=80, in_dim=32, drop_path_rate=0.2), kwargs)
+
+
+@register_model
+def mambavision_s(pretrained=False, **kwargs) -> MambaVision:
+    return _variant("mambavision_s", pretrained, dict(_SMALL, depths=[3, 3, 7, 5], dim=96, in_dim=64, drop_path_rate=0.2), kwargs)
+
+
+@register_model
+def mambavision_b(pretrained=False, **kwargs) -> MambaVision:
+    return _variant("mambavision_b", pretrained, dict(_SMALL, depths=[3, 3, 10, 5], dim=128, in_dim=64, drop_path_rate=0.3,
+                                                     layer_scale=1e-5), kwargs)
+
+
+@register_model
+def mambavision_l(pretrained=False, **kwargs) -> MambaVision:
+    return _variant("mambavision_l", pretrained, dict(_LARGE, depths=[3, 3, 10, 5], dim=196, drop_path_rate=0.3), kwargs)
+
+
+@register_model
+def mambavision_l2(pretrained=False, **kwargs) -> MambaVision:
+    return _variant("mambavision_l2", pretrained, dict(_LARGE, depths=[3, 3, 12, 5], dim=196, drop_path_rate=0.3), kwargs)
+
+
+@register_model
+def mambavision_l2_512(pretrained=False, **kwargs) -> MambaVision:
+    return _variant("mambavision_l2_512", pretrained, dict(_LARGE, depths=[3, 3, 12, 5], dim=196, drop_path_rate=0.3,
+                                                          window_size=[8, 8, 32, 16]), kwargs)
+
+
+@register_model
+def mambavision_l3_256(pretrained=False, **kwargs) -> MambaVision:
+    return _variant("mambavision_l3_256", pretrained, dict(_LARGE, depths=[3, 3, 20, 10], dim=256, drop_path_rate=0.5,
+                                                          window_size=[8, 8, 16, 8]), kwargs)
+
+
+@register_model
+def mambavision_l3_512(pretrained=False, **kwargs) -> MambaVision:
+    return _variant("mambavision_l3_512", pretrained, dict(_LARGE, depths=[3, 3, 20, 10], dim=256, drop_path_rate=0.5,
+                                                          window_size=[8, 8, 32, 16]), kwargs)
+
+
+@register_model
+def mambavision_demo(pretrained=False, **kwargs) -> MambaVision:
+    """~3 M parameters, every block type (conv, Mamba, attention), trains on CPU in minutes at 32-64 px."""
+    return _variant("mambavision_demo", pretrained, dict(depths=[1, 1, 2, 2], num_heads=[1, 2, 4, 8], window_size=[8, 8, 4, 2],
+                                                        dim=32, in_dim=16, mlp_ratio=4, drop_path_rate=0.05,
+                                                        num_classes=10), kwargs)

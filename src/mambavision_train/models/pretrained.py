@@ -1,0 +1,146 @@
+"""Loading MambaVision weights: official ``.pth.tar`` files, plain state dicts, ``model.safetensors`` and
+Hugging Face repos, without ever executing code from the file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+# What an official (timm CheckpointSaver) checkpoint pickles besides tensors and builtins: the argparse
+# namespace of the training run under 'args'. Nothing else is allowed to be unpickled.
+SAFE_GLOBALS = [argparse.Namespace]
+# Wrappers that prefix parameter names: DDP, torch.compile, the transformers/HF wrapper, detection backbones.
+KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded into the model as asked."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> Mapping:
+    """Read a ``.pth``/``.pth.tar``/``.pt`` or ``.safetensors`` file into a dict, safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path), device="cpu")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for forbidden globals, others for corrupt files
+        raise CheckpointError(f"refusing to load {path}: it is not a plain weights file that loads with "
+                              f"weights_only=True ({str(e).splitlines()[0]})") from None
+
+
+def _pick_weights(ckpt: Mapping, ema: bool | None) -> Mapping:
+    """The model weights inside a training checkpoint (or the checkpoint itself when it is a state dict)."""
+    ema_keys = [k for k in ("state_dict_ema", "model_ema", "ema") if isinstance(ckpt.get(k), Mapping)]
+    plain_keys = [k for k in ("state_dict", "model") if isinstance(ckpt.get(k), Mapping)]
+    if ema:
+        if not ema_keys:
+            raise CheckpointError(f"EMA weights requested but the checkpoint has none (top-level keys: {sorted(ckpt)[:10]})")
+        return ckpt[ema_keys[0]]
+    if plain_keys:
+        return ckpt[plain_keys[0]]
+    if ema is None and ema_keys:
+        return ckpt[ema_keys[0]]
+    return ckpt
+
+
+def _strip_prefix(state_dict: Mapping, expected: set[str]) -> dict:
+    """Remove a wrapper prefix shared by all keys when that makes the keys match the model's."""
+    sd = dict(state_dict)
+    changed = True
+    while changed and not set(sd) & expected:
+        changed = False
+        for p in KNOWN_PREFIXES:
+            if sd and all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                changed = True
+                break
+    return sd
+
+
+def extract_state_dict(ckpt: Mapping, model: nn.Module, ema: bool | None = False) -> dict:
+    """The model's weights from any supported checkpoint dict, keys matched to ``model``."""
+    sd = _pick_weights(ckpt, ema)
+    return _strip_prefix(sd, set(model.state_dict()))
+
+
+def _describe_mismatch(model: nn.Module, sd: Mapping) -> str | None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+              if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+
+    def few(items):
+        return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+    parts = [f"missing {len(missing)}: {few(missing)}" if missing else "",
+             f"unexpected {len(unexpected)}: {few(unexpected)}" if unexpected else "",
+             f"wrong shape {len(shapes)}: {few(shapes)}" if shapes else ""]
+    return "; ".join(p for p in parts if p)
+
+
+def resolve_source(source: str | os.PathLike, filename: str | None = None) -> Path:
+    """A local file, or a Hugging Face repo id (``nvidia/MambaVision-T-1K`` or ``hf-hub:...``) downloaded to the cache."""
+    src = str(source)
+    if Path(src).expanduser().exists():
+        return Path(src).expanduser()
+    repo_id = src[len("hf-hub:"):] if src.startswith("hf-hub:") else src
+    if src.startswith(("/", ".", "~")) or repo_id.count("/") != 1:
+        raise CheckpointError(f"checkpoint not found: {src} (give a file path or a Hugging Face repo id like "
+                              "nvidia/MambaVision-T-1K)")
+    from huggingface_hub import hf_hub_download
+    filename = filename or _known_filename(repo_id)
+    try:
+        if filename is None:
+            from huggingface_hub import list_repo_files
+            files = list_repo_files(repo_id)
+            filename = next((f for f in files if f.endswith(".pth.tar")), None) or next(
+                (f for f in files if f.endswith(".safetensors")), None)
+            if filename is None:
+                raise CheckpointError(f"no .pth.tar or .safetensors file in Hugging Face repo {repo_id}")
+        return Path(hf_hub_download(repo_id, filename))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"could not get {filename or 'weights'} from Hugging Face repo {repo_id}: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                              "(offline? download it once, or pass a local file)") from None
+
+
+def _known_filename(repo_id: str) -> str | None:
+    from .mambavision import default_cfgs
+    for cfg in default_cfgs.values():
+        for pcfg in cfg.cfgs.values():
+            if pcfg.hf_hub_id == repo_id:
+                return pcfg.hf_hub_filename
+    return None
+
+
+def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, *, ema: bool | None = False,
+                    strict: bool = True, filename: str | None = None) -> nn.Module:
+    """Load weights into ``model`` from a file path, a Hugging Face repo id, or an in-memory checkpoint dict.
+
+    ema: False (default, as the official loader) takes ``state_dict``; True takes ``state_dict_ema``;
+    None prefers plain weights and falls back to EMA ones. strict: every key and shape must match.
+    """
+    ckpt = source if isinstance(source, Mapping) else read_checkpoint(resolve_source(source, filename))
+    sd = extract_state_dict(ckpt, model, ema=ema)
+    problem = _describe_mismatch(model, sd)
+    if problem and strict:
+        raise CheckpointError(f"checkpoint does not match {type(model).__name__}: {problem}")
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)},
+                          strict=False)
+    return model

@@ -1,0 +1,19 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def official():
+    """The official mambavision package (test-only reference), its scan routed to mamba_ssm's reference loop."""
+    from mambavision_train.ops.selective_scan.mamba_ssm_compat import reference_selective_scan_fn
+
+    ref = reference_selective_scan_fn()  # also lets `import mamba_ssm` succeed without the CUDA extension
+    assert ref is not None, "mamba-ssm must be installed for the reference tests (make test installs it)"
+    import mambavision.models.mamba_vision as mv
+
+    mv.selective_scan_fn = ref
+    return mv

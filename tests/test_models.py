@@ -1,0 +1,183 @@
+"""The MambaVision family against the official code: parameters, names, init, logits and gradients."""
+
+import argparse
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import mambavision_train  # noqa: F401  (registers the models with timm)
+from mambavision_train import PAPER, count_flops, load_pretrained
+
+SIZES = ["t", "t2", "s", "b", "l", "l2"]
+OFFICIAL = {s: f"mamba_vision_{s.upper()}" for s in SIZES}
+
+
+def ours(name, **kw):
+    return timm.create_model(name, **kw)
+
+
+def meta_model(name, **kw):
+    with torch.device("meta"):
+        return ours(name, **kw)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_parameter_counts_equal_the_official_code(size):
+    model = meta_model(f"mambavision_{size}")
+    assert sum(p.numel() for p in model.parameters()) == PAPER[f"mambavision_{size}"]["params"]
+
+
+@pytest.mark.parametrize("name", ["mambavision_l3_256", "mambavision_l3_512"])
+def test_l3_parameter_count(name):
+    assert abs(sum(p.numel() for p in meta_model(name).parameters()) - 739.57e6) < 0.01e6
+
+
+def test_variants_carry_their_eval_config():
+    expect = {"mambavision_t": (224, 1.0, "center"), "mambavision_t2": (224, 0.98, "center"),
+              "mambavision_s": (224, 0.93, "center"), "mambavision_b": (224, 1.0, "center"),
+              "mambavision_l": (224, 1.0, "center"), "mambavision_l2": (224, 1.0, "center"),
+              "mambavision_l2_512": (512, 0.93, "squash"), "mambavision_l3_256": (256, 1.0, "center"),
+              "mambavision_l3_512": (512, 0.93, "squash")}
+    for name, (res, crop_pct, mode) in expect.items():
+        cfg = meta_model(name).pretrained_cfg
+        assert cfg["input_size"] == (3, res, res) and cfg["crop_pct"] == crop_pct and cfg["crop_mode"] == mode, name
+        assert cfg["interpolation"] == "bicubic" and cfg["mean"] == (0.485, 0.456, 0.406)
+        assert cfg["hf_hub_id"].startswith("nvidia/MambaVision-") and cfg["hf_hub_filename"].endswith(".pth.tar")
+    assert meta_model("mambavision_b", pretrained_cfg="in21k_ft_in1k").pretrained_cfg["hf_hub_id"] == "nvidia/MambaVision-B-21K"
+    assert {"mambavision_t", "mambavision_l3_512", "mambavision_demo"} <= set(timm.list_models("mambavision_*"))
+
+
+def test_window_sizes_of_the_high_resolution_variants():
+    ws = lambda name: [lvl.window_size for lvl in meta_model(name).levels]
+    assert ws("mambavision_l2") == [8, 8, 14, 7]
+    assert ws("mambavision_l2_512") == [8, 8, 32, 16]
+    assert ws("mambavision_l3_256") == [8, 8, 16, 8]
+    assert ws("mambavision_l3_512") == [8, 8, 32, 16]
+
+
+@pytest.mark.parametrize("res", [(32, 32), (64, 64), (45, 71)])
+def test_demo_model_runs_every_block_type(res):
+    model = ours("mambavision_demo").eval()
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"ConvBlock", "MambaVisionMixer", "Attention"} <= kinds
+    assert model(torch.randn(2, 3, *res)).shape == (2, 10)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("size", SIZES)
+def test_same_seed_same_weights_as_official(official, size):
+    """Module tree, names, order, shapes and the random draws of the init all equal the official code."""
+    torch.manual_seed(0)
+    ref = getattr(official, OFFICIAL[size])().state_dict()
+    torch.manual_seed(0)
+    mine = ours(f"mambavision_{size}").state_dict()
+    assert list(mine) == list(ref)
+    assert all(mine[k].shape == ref[k].shape and torch.equal(mine[k], ref[k]) for k in ref)
+    # The quirk we keep: the model-wide init overwrote Mamba's dt init.
+    assert torch.all(mine["levels.2.blocks.0.mixer.dt_proj.bias"] == 0)
+
+
+def randomize_(model, seed=0):
+    """Give every weight and statistic a value of order one, so that no branch is negligible in the comparison
+    (layer scale 1e-5 and zero dt bias would hide mistakes in the mixers)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean") or "dt_proj.bias" in name:
+                t.copy_(0.3 * torch.randn(t.shape, generator=g))
+            elif "gamma" in name:
+                t.copy_(0.5 + 0.5 * torch.rand(t.shape, generator=g))
+            elif name.startswith("head.weight"):
+                t.copy_(torch.randn(t.shape, generator=g) / t.shape[1] ** 0.5)
+            elif t.dim() == 1 and ("norm" in name or name.endswith(".D")):
+                t.copy_(1 + 0.2 * torch.randn(t.shape, generator=g))
+            elif t.dim() == 1:
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+    return model
+
+
+def official_checkpoint(model):
+    """A checkpoint as timm's CheckpointSaver writes it, as the official training script does."""
+    sd = model.state_dict()
+    return {"epoch": 309, "arch": "mamba_vision_T", "state_dict": sd, "state_dict_ema": sd,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 5e-6, "params": [0, 1]}]},
+            "version": 2, "args": argparse.Namespace(model="mamba_vision_T", lr=0.005, mesa=0.5), "metric": 82.2}
+
+
+def twin_models(official, size, **kw):
+    ref = randomize_(getattr(official, OFFICIAL[size])(**kw))
+    mine = ours(f"mambavision_{size}", **kw)
+    load_pretrained(mine, official_checkpoint(ref))  # strict
+    return ref, mine
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+@pytest.mark.parametrize("size", SIZES)
+def test_logits_equal_official_at_224(official, size):
+    ref, mine = twin_models(official, size)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = ref.eval()(x), mine.eval()(x)
+    assert want.std() > 0.1  # the comparison is not between near-zero numbers
+    assert (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.reference
+def test_logits_equal_official_at_odd_non_square_resolution(official):
+    ref, mine = twin_models(official, "t")
+    x = torch.randn(2, 3, 200, 264, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = ref.eval()(x), mine.eval()(x)
+    assert want.std() > 0.1 and (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_train_mode_gradients_equal_official(official):
+    ref, mine = twin_models(official, "t", drop_path_rate=0.0)
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([1, 5, 7, 999])
+    for m in (ref, mine):
+        m.train()
+        F.cross_entropy(m(x), y).backward()
+    ref_grads = dict(ref.named_parameters())
+    # Biases whose output reaches a train-mode BatchNorm only linearly have an exactly-zero gradient (BN removes
+    # any per-channel constant): the conv biases of the conv blocks, and the last MLP bias before the head's norm.
+    # Both sides hold rounding noise there; every other gradient must agree.
+    zero = {f"levels.{i}.blocks.{j}.conv{k}.bias" for i in (0, 1) for j in range(len(mine.levels[i].blocks)) for k in (1, 2)}
+    zero.add(f"levels.3.blocks.{len(mine.levels[3].blocks) - 1}.mlp.fc2.bias")
+    scale = max(p.grad.abs().max() for p in ref_grads.values())
+    for name, p in mine.named_parameters():
+        want = ref_grads[name].grad
+        assert want is not None and p.grad is not None, name
+        if name in zero:
+            assert p.grad.abs().max() < 1e-4 * scale, name
+            continue
+        err = (p.grad - want).abs().max() / want.abs().max()
+        assert err <= 1e-4, f"{name}: relative gradient error {err:.2e}"
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_macs_match_the_paper(size):
+    name = f"mambavision_{size}"
+    flops = count_flops(meta_model(name), 224)
+    assert abs(flops.gmacs / PAPER[name]["gmacs"] - 1) <= 0.02
+    assert flops.attention_macs > 0 and flops.scan_macs > 0
+
+
+def test_count_flops_on_a_real_model_leaves_it_untouched():
+    model = ours("mambavision_demo").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flops = count_flops(model, (64, 64), batch_size=2)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    single = count_flops(model, 64)
+    assert flops.macs == 2 * single.macs and flops.scan_macs == 2 * single.scan_macs
+    # The demo's stage-4 Mamba block at 64 px: one 2x2 window of 4 tokens, d = 128, 8 states.
+    assert single.scan_macs == (3 * 64 * 16 * 8 + 64 * 16) + (3 * 128 * 4 * 8 + 128 * 4)
