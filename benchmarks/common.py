@@ -37,3 +37,17 @@ def interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def official_mambavision():
+    """The official package's model module with its scan routed to mamba_ssm's reference loop (what it runs
+    without the CUDA kernel)."""
+    from mambavision_train.ops.selective_scan.mamba_ssm_compat import reference_selective_scan_fn
+
+    ref = reference_selective_scan_fn()
+    if ref is None:
+        raise SystemExit("needs mamba-ssm and the official mambavision package: run `make setup` first")
+    import mambavision.models.mamba_vision as mv
+
+    mv.selective_scan_fn = ref
+    return mv
