@@ -355,67 +355,72 @@ def _create_mambavision(variant: str, pretrained: bool = False, **kwargs):
 
 
 # --------------------------------------------------------------------------------------------------- variants
-# Per variant: depths, num_heads, window_size, dim, in_dim, drop_path_rate, layer_scale (official model table).
-_SMALL = dict(num_heads=[2, 4, 8, 16], window_size=[8, 8, 14, 7], mlp_ratio=4)
-_LARGE = dict(num_heads=[4, 8, 16, 32], window_size=[8, 8, 14, 7], mlp_ratio=4, in_dim=64, layer_scale=1e-5)
+# The official model table. All: mlp_ratio 4, qkv_bias, no conv layer scale; stage dims dim * (1, 2, 4, 8).
+_HEADS_S, _HEADS_L, _WIN_224 = [2, 4, 8, 16], [4, 8, 16, 32], [8, 8, 14, 7]
+ARCHS = {
+    "mambavision_t": dict(depths=[1, 3, 8, 4], num_heads=_HEADS_S, window_size=_WIN_224, dim=80, in_dim=32, drop_path_rate=0.2),
+    "mambavision_t2": dict(depths=[1, 3, 11, 4], num_heads=_HEADS_S, window_size=_WIN_224, dim=80, in_dim=32, drop_path_rate=0.2),
+    "mambavision_s": dict(depths=[3, 3, 7, 5], num_heads=_HEADS_S, window_size=_WIN_224, dim=96, in_dim=64, drop_path_rate=0.2),
+    "mambavision_b": dict(depths=[3, 3, 10, 5], num_heads=_HEADS_S, window_size=_WIN_224, dim=128, in_dim=64, drop_path_rate=0.3, layer_scale=1e-5),
+    "mambavision_l": dict(depths=[3, 3, 10, 5], num_heads=_HEADS_L, window_size=_WIN_224, dim=196, in_dim=64, drop_path_rate=0.3, layer_scale=1e-5),
+    "mambavision_l2": dict(depths=[3, 3, 12, 5], num_heads=_HEADS_L, window_size=_WIN_224, dim=196, in_dim=64, drop_path_rate=0.3, layer_scale=1e-5),
+    "mambavision_l2_512": dict(depths=[3, 3, 12, 5], num_heads=_HEADS_L, window_size=[8, 8, 32, 16], dim=196, in_dim=64, drop_path_rate=0.3, layer_scale=1e-5),
+    "mambavision_l3_256": dict(depths=[3, 3, 20, 10], num_heads=_HEADS_L, window_size=[8, 8, 16, 8], dim=256, in_dim=64, drop_path_rate=0.5, layer_scale=1e-5),
+    "mambavision_l3_512": dict(depths=[3, 3, 20, 10], num_heads=_HEADS_L, window_size=[8, 8, 32, 16], dim=256, in_dim=64, drop_path_rate=0.5, layer_scale=1e-5),
+    # ~2.3 M parameters, every block type (conv, Mamba, attention); trains on a CPU in minutes at 32-64 px.
+    "mambavision_demo": dict(depths=[1, 1, 2, 2], num_heads=[1, 2, 4, 8], window_size=[8, 8, 4, 2], dim=32, in_dim=16, drop_path_rate=0.05, num_classes=10),
+}
 
 
-def _variant(name: str, pretrained: bool, arch: dict, kwargs: dict):
-    return _create_mambavision(name, pretrained=pretrained, **{**arch, **kwargs})
+def _create(name: str, pretrained: bool, kwargs: dict) -> MambaVision:
+    return _create_mambavision(name, pretrained=pretrained, **{"mlp_ratio": 4, **ARCHS[name], **kwargs})
 
 
 @register_model
 def mambavision_t(pretrained=False, **kwargs) -> MambaVision:
-    return _variant("mambavision_t", pretrained, dict(_SMALL, depths=[1, 3, 8, 4], dim=80, in_dim=32, drop_path_rate=0.2), kwargs)
+    return _create("mambavision_t", pretrained, kwargs)
 
 
 @register_model
 def mambavision_t2(pretrained=False, **kwargs) -> MambaVision:
-    return _variant("mambavision_t2", pretrained, dict(_SMALL, depths=[1, 3, 11, 4], dim=80, in_dim=32, drop_path_rate=0.2), kwargs)
+    return _create("mambavision_t2", pretrained, kwargs)
 
 
 @register_model
 def mambavision_s(pretrained=False, **kwargs) -> MambaVision:
-    return _variant("mambavision_s", pretrained, dict(_SMALL, depths=[3, 3, 7, 5], dim=96, in_dim=64, drop_path_rate=0.2), kwargs)
+    return _create("mambavision_s", pretrained, kwargs)
 
 
 @register_model
 def mambavision_b(pretrained=False, **kwargs) -> MambaVision:
-    return _variant("mambavision_b", pretrained, dict(_SMALL, depths=[3, 3, 10, 5], dim=128, in_dim=64, drop_path_rate=0.3,
-                                                     layer_scale=1e-5), kwargs)
+    return _create("mambavision_b", pretrained, kwargs)
 
 
 @register_model
 def mambavision_l(pretrained=False, **kwargs) -> MambaVision:
-    return _variant("mambavision_l", pretrained, dict(_LARGE, depths=[3, 3, 10, 5], dim=196, drop_path_rate=0.3), kwargs)
+    return _create("mambavision_l", pretrained, kwargs)
 
 
 @register_model
 def mambavision_l2(pretrained=False, **kwargs) -> MambaVision:
-    return _variant("mambavision_l2", pretrained, dict(_LARGE, depths=[3, 3, 12, 5], dim=196, drop_path_rate=0.3), kwargs)
+    return _create("mambavision_l2", pretrained, kwargs)
 
 
 @register_model
 def mambavision_l2_512(pretrained=False, **kwargs) -> MambaVision:
-    return _variant("mambavision_l2_512", pretrained, dict(_LARGE, depths=[3, 3, 12, 5], dim=196, drop_path_rate=0.3,
-                                                          window_size=[8, 8, 32, 16]), kwargs)
+    return _create("mambavision_l2_512", pretrained, kwargs)
 
 
 @register_model
 def mambavision_l3_256(pretrained=False, **kwargs) -> MambaVision:
-    return _variant("mambavision_l3_256", pretrained, dict(_LARGE, depths=[3, 3, 20, 10], dim=256, drop_path_rate=0.5,
-                                                          window_size=[8, 8, 16, 8]), kwargs)
+    return _create("mambavision_l3_256", pretrained, kwargs)
 
 
 @register_model
 def mambavision_l3_512(pretrained=False, **kwargs) -> MambaVision:
-    return _variant("mambavision_l3_512", pretrained, dict(_LARGE, depths=[3, 3, 20, 10], dim=256, drop_path_rate=0.5,
-                                                          window_size=[8, 8, 32, 16]), kwargs)
+    return _create("mambavision_l3_512", pretrained, kwargs)
 
 
 @register_model
 def mambavision_demo(pretrained=False, **kwargs) -> MambaVision:
-    """~3 M parameters, every block type (conv, Mamba, attention), trains on CPU in minutes at 32-64 px."""
-    return _variant("mambavision_demo", pretrained, dict(depths=[1, 1, 2, 2], num_heads=[1, 2, 4, 8], window_size=[8, 8, 4, 2],
-                                                        dim=32, in_dim=16, mlp_ratio=4, drop_path_rate=0.05,
-                                                        num_classes=10), kwargs)
+    return _create("mambavision_demo", pretrained, kwargs)
