@@ -1,0 +1,92 @@
+"""Data: ImageNet-style folders -> FFCV files; loaders (FFCV, ImageFolder fallback, synthetic); device-side
+augmentation. One interface: ``build_loader(data_cfg, aug_cfg, ...)`` -> (loader, device_augment).
+
+Every loader yields (uint8 images (B, 3, H, W), int64 labels), has ``set_epoch(epoch, start_batch=0)`` and
+``len()``, and reads only its rank's shard, in an order fixed by (seed, epoch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .augment import AugConfig, DeviceAugment
+from .order import Shard
+
+KINDS = ("ffcv", "folder", "synthetic")
+
+
+@dataclass
+class DataConfig:
+    kind: str = "ffcv"  # ffcv | folder | synthetic
+    root: str | None = None  # ffcv: folder with <split>.beton; folder: folder with <split>/<class>/<image>
+    folder_root: str | None = None  # where the ImageFolder tree is when it differs from root (digits)
+    prepare: str | None = None  # "digits": build the bundled demo data in root on first use
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: int = 1000
+    num_workers: int = 8
+    os_cache: bool = True  # FFCV: read through the page cache (False: its own quasi-random memory manager)
+    num_samples: int = 12800  # synthetic: images per epoch
+    extra: dict = field(default_factory=dict)
+
+
+class DataError(RuntimeError):
+    """Data that is missing or not prepared: the message says how to prepare it."""
+
+
+HOW_TO_PREPARE = ("prepare ImageNet with `python -m mambavision_train.data.convert /path/to/imagenet /path/to/ffcv` "
+                  "(docs/data.md), or try the bundled demo data with data=digits")
+
+
+def check(cfg: DataConfig, split: str) -> Path | None:
+    """Fail fast, before anything expensive, with one line that says what to do."""
+    if cfg.kind not in KINDS:
+        raise DataError(f"unknown data.kind {cfg.kind!r}; choose one of {', '.join(KINDS)}")
+    if cfg.kind == "synthetic":
+        return None
+    if cfg.prepare == "digits":
+        from . import digits
+        digits.prepare(cfg.root)
+    if not cfg.root:
+        raise DataError(f"data.root is not set: point it at your data, or {HOW_TO_PREPARE}")
+    root = Path(cfg.root).expanduser()
+    if cfg.kind == "ffcv":
+        path = root / f"{split}.beton"
+        if not path.is_file():
+            if not root.exists():
+                raise DataError(f"data.root={root} does not exist; {HOW_TO_PREPARE}")
+            raise DataError(f"{path} not found: data.root must hold FFCV files; {HOW_TO_PREPARE}")
+        return path
+    path = Path(cfg.folder_root or root).expanduser() / split
+    if not path.is_dir():
+        raise DataError(f"{path} not found: data.root must hold {split}/<class>/<image> folders; {HOW_TO_PREPARE}")
+    return path
+
+
+def build_loader(cfg: DataConfig, aug: AugConfig | None, *, train: bool, batch_size: int, res: int,
+                 crop_pct: float = 1.0, crop_mode: str = "center", interpolation: str = "bicubic",
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), seed: int = 0, shard: Shard = Shard(),
+                 device="cpu"):
+    """A loader for the train or val split and the DeviceAugment that finishes its batches on ``device``."""
+    aug = aug or AugConfig()
+    path = check(cfg, cfg.train_split if train else cfg.val_split)
+    common = dict(train=train, batch_size=batch_size, res=res, seed=seed, shard=shard)
+    cpu_done: tuple = ()
+    if cfg.kind == "ffcv":
+        from .ffcv_loader import FFCVLoader
+        loader = FFCVLoader(path, crop_pct=crop_pct, crop_mode=crop_mode, scale=tuple(aug.scale),
+                            ratio=tuple(aug.ratio), hflip=aug.hflip, num_workers=cfg.num_workers,
+                            os_cache=cfg.os_cache, **common)
+    elif cfg.kind == "folder":
+        from .folder_loader import FolderLoader
+        loader = FolderLoader(path, aug=aug, crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation,
+                              num_workers=cfg.num_workers, **common)
+        cpu_done = ("rand_augment", "color_jitter")  # timm's PIL transforms did them per sample
+    else:
+        from .synthetic import SyntheticLoader
+        loader = SyntheticLoader(num_classes=cfg.num_classes, num_samples=cfg.num_samples, **common)
+    return loader, DeviceAugment(aug, cfg.num_classes, mean, std, device, train=train, cpu_done=cpu_done)
+
+
+__all__ = ["DataConfig", "AugConfig", "DataError", "DeviceAugment", "Shard", "build_loader", "check"]

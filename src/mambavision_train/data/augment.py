@@ -1,0 +1,89 @@
+"""The part of the augmentation that runs on the model's device, batch at a time, after the loader.
+
+uint8 (B, 3, H, W) from any loader -> float, channels_last -> [RandAugment] -> [colour jitter] -> normalise ->
+[random erasing] -> [Mixup / CutMix with label smoothing]. Random erasing and Mixup/CutMix are timm's own classes;
+RandAugment is ``randaugment.py`` (timm's ops on tensors, per sample).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+
+from . import randaugment
+
+
+@dataclass
+class AugConfig:
+    """Everything the paper's recipe sets, each switchable (0 / None turns a step off)."""
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4  # as in timm: ignored while RandAugment is on, unless force_color_jitter
+    force_color_jitter: bool = False
+    reprob: float = 0.25  # random erasing probability
+    remode: str = "pixel"
+    recount: int = 1
+    mixup: float = 0.8  # Mixup alpha
+    cutmix: float = 1.0  # CutMix alpha
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.1
+    # Crop and flip happen in the loader (FFCV decoder or PIL transforms); kept here so that one config drives both.
+    scale: tuple = (0.08, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    train_interpolation: str = "random"  # fallback loader only: timm's random bilinear/bicubic RandomResizedCrop
+
+
+class DeviceAugment:
+    """Callable (images uint8 (B,3,H,W), labels (B,)) -> (images float channels_last, targets).
+
+    Targets are soft (B, num_classes) when Mixup/CutMix is on, else the labels. ``cpu_done`` lists the steps the
+    loader already did per sample on the CPU (the fallback loader runs timm's PIL RandAugment)."""
+
+    def __init__(self, cfg: AugConfig | None, num_classes: int, mean, std, device, train: bool = True,
+                 cpu_done: tuple = ()):
+        self.cfg, self.train, self.device = cfg or AugConfig(), train, torch.device(device)
+        c = self.cfg
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        self.ra = randaugment.parse(c.rand_augment) if (train and c.rand_augment and "rand_augment" not in cpu_done) else None
+        self.jitter = c.color_jitter if (train and c.color_jitter and (not c.rand_augment or c.force_color_jitter)
+                                         and "color_jitter" not in cpu_done) else 0.0
+        self.erase = RandomErasing(c.reprob, mode=c.remode, max_count=c.recount, device=str(self.device)) \
+            if (train and c.reprob > 0) else None
+        self.mixup = Mixup(mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, prob=c.mixup_prob,
+                           switch_prob=c.mixup_switch_prob, mode=c.mixup_mode, label_smoothing=c.smoothing,
+                           num_classes=num_classes) if (train and (c.mixup > 0 or c.cutmix > 0) and c.mixup_prob > 0) else None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        x = images.to(self.device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
+        y = labels.to(self.device, non_blocking=True)
+        if self.ra is not None:
+            x = randaugment.rand_augment(x, **self.ra)
+        if self.jitter:
+            x = color_jitter(x, self.jitter)
+        x = (x - self.mean) / self.std
+        if self.erase is not None:
+            x = self.erase(x)
+        if self.mixup is not None:
+            if x.shape[0] % 2:
+                raise ValueError(f"Mixup/CutMix needs an even batch size per device, got {x.shape[0]}")
+            x, y = self.mixup(x, y)
+        return x.contiguous(memory_format=torch.channels_last), y
+
+
+def color_jitter(x, strength: float, generator=None):
+    """Brightness, contrast, saturation factors ~ U[1 - s, 1 + s] per image (torchvision's ColorJitter without hue,
+    applied in that fixed order rather than a random one)."""
+    b = x.shape[0]
+    f = lambda: (1 + strength * (2 * torch.rand(b, device=x.device, generator=generator) - 1)).view(-1, 1, 1, 1)
+    x = (x * f()).clamp(0, 255)
+    gray = randaugment._gray(x)
+    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+    x = (mean + f() * (x - mean)).clamp(0, 255)
+    gray = randaugment._gray(x)
+    return (gray + f() * (x - gray)).clamp(0, 255)

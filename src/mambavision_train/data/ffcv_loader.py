@@ -1,0 +1,69 @@
+"""FFCV loaders: uint8 NHWC batches decoded, cropped, resized and flipped by numba threads.
+
+Everything after decoding (normalisation, RandAugment, erasing, Mixup/CutMix) runs on the model's device in
+``augment.py``. The pipeline deliberately ends at ToTensor: FFCV hangs on CPU when flip/normalise ops follow
+ToTorchImage (ffcv issues #350, #396), and uint8 is the cheapest thing to move to a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.loader import Loader
+from ffcv.traversal_order.base import TraversalOrder
+from ffcv.transforms import Squeeze, ToTensor
+
+from .ffcv_decoder import CropResizeDecoder
+from .order import Shard, batches_per_epoch, rank_indices
+
+
+class _ShardOrder(TraversalOrder):
+    """Hands FFCV our (seed, epoch, rank)-determined order. FFCV wants an instance it can call with the loader."""
+
+    def __init__(self, owner: "FFCVLoader"):
+        self.owner = owner
+
+    def __call__(self, loader):
+        TraversalOrder.__init__(self, loader)
+        return self
+
+    def sample_order(self, _ffcv_epoch):
+        o = self.owner
+        return rank_indices(o.num_samples, o.batch_size, o.seed, o.epoch, o.shard, shuffle=o.train,
+                            drop_last=o.train, start_batch=o.start_batch)
+
+
+class FFCVLoader:
+    """Iterate (images uint8 (B, 3, H, W) in channels_last memory, labels int64 (B,)) over one rank's share of a
+    .beton file."""
+
+    def __init__(self, path, *, train: bool, batch_size: int, res: int, crop_pct: float = 1.0,
+                 crop_mode: str = "center", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
+                 seed: int = 0, shard: Shard = Shard(), num_workers: int = 2, os_cache: bool = True,
+                 dct_scaling: bool = True):
+        from ffcv.reader import Reader
+        self.path, self.train, self.batch_size, self.seed, self.shard = str(path), train, batch_size, seed, shard
+        self.num_samples = Reader(self.path).num_samples
+        self.epoch, self.start_batch = 0, 0
+        self.decoder = CropResizeDecoder((res, res), mode="random" if train else crop_mode, scale=scale,
+                                         ratio=ratio, flip_prob=hflip, crop_pct=crop_pct, seed=seed,
+                                         dct_scaling=dct_scaling)
+        self.loader = Loader(self.path, batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
+                             order=_ShardOrder(self), drop_last=train, seed=seed,
+                             pipelines={"image": [self.decoder, ToTensor()],
+                                        "label": [IntDecoder(), ToTensor(), Squeeze(1)]})
+
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        """The next iteration yields batches start_batch.. of ``epoch``."""
+        self.epoch, self.start_batch = epoch, start_batch
+        self.decoder.set_epoch(epoch)
+
+    def __len__(self):
+        return batches_per_epoch(self.num_samples, self.batch_size, self.shard, drop_last=self.train) - self.start_batch
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield images.permute(0, 3, 1, 2), labels.long()  # NHWC memory viewed as NCHW: channels_last for free
