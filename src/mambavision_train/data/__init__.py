@@ -7,7 +7,7 @@ Every loader yields (uint8 images (B, 3, H, W), int64 labels), has ``set_epoch(e
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .augment import AugConfig, DeviceAugment
@@ -28,7 +28,17 @@ class DataConfig:
     num_workers: int = 8
     os_cache: bool = True  # FFCV: read through the page cache (False: its own quasi-random memory manager)
     num_samples: int = 12800  # synthetic: images per epoch
-    extra: dict = field(default_factory=dict)
+
+
+def from_config(cls, cfg):
+    """A DataConfig / AugConfig from a Hydra/OmegaConf node or dict; unknown keys are an error, not ignored."""
+    from omegaconf import DictConfig, OmegaConf
+    values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DataError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(known)}")
+    return cls(**values)
 
 
 class DataError(RuntimeError):
@@ -89,4 +99,4 @@ def build_loader(cfg: DataConfig, aug: AugConfig | None, *, train: bool, batch_s
     return loader, DeviceAugment(aug, cfg.num_classes, mean, std, device, train=train, cpu_done=cpu_done)
 
 
-__all__ = ["DataConfig", "AugConfig", "DataError", "DeviceAugment", "Shard", "build_loader", "check"]
+__all__ = ["DataConfig", "AugConfig", "DataError", "DeviceAugment", "Shard", "build_loader", "check", "from_config"]

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -103,8 +105,46 @@ def write_beton(samples, path: Path, opts: ConvertOptions):
                                      compress_probability=opts.compress_prob),
               "label": IntField()}
     writer = DatasetWriter(str(partial), fields, num_workers=opts.workers)
-    writer.from_indexed_dataset(_FileDataset(samples, opts.max_side), chunksize=opts.chunk_size)
+    _run_watched(lambda: writer.from_indexed_dataset(_FileDataset(samples, opts.max_side), chunksize=opts.chunk_size))
     os.replace(partial, path)
+
+
+class _TrackedProcess(multiprocessing.Process):
+    started: list = []
+
+    def start(self):
+        _TrackedProcess.started.append(self)
+        super().start()
+
+
+def _run_watched(write):
+    """Run FFCV's writer, failing fast if one of its worker processes dies: FFCV itself would wait forever."""
+    import ffcv.writer
+    _TrackedProcess.started = []
+    errors = []
+
+    def target():
+        try:
+            write()
+        except BaseException as e:  # re-raised in the calling thread
+            errors.append(e)
+
+    original, ffcv.writer.Process = ffcv.writer.Process, _TrackedProcess
+    thread = threading.Thread(target=target, daemon=True)
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+            dead = [p for p in _TrackedProcess.started if p.exitcode not in (None, 0)]
+            if dead:
+                for p in _TrackedProcess.started:
+                    p.kill()
+                raise ConversionError(f"an FFCV writer process died (exit code {dead[0].exitcode}); nothing was "
+                                      "written under the final name: run the same command again")
+    finally:
+        ffcv.writer.Process = original
+    if errors:
+        raise errors[0]
 
 
 def convert_split(src: Path, out: Path, split: str, opts: ConvertOptions) -> dict:
