@@ -258,3 +258,19 @@ def test_synthetic_loader():
     batches = list(loader)
     assert len(batches) == len(loader) == 4 and batches[0][0].shape == (32, 3, 64, 64)
     assert aug(*batches[0])[1].shape == (32, 1000)
+
+
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0])
+def test_ffcv_eval_crops_agree_with_timms_eval_transform(digits, crop_pct):
+    """The FFCV val decoder (resize floor(res / crop_pct), center crop, while decoding) against the paper-exact
+    fallback path (timm's PIL transform) on the same 359 images: the same crops up to resampling and JPEG storage."""
+    outs = {}
+    for kind in ("ffcv", "folder"):
+        loader, _ = epoch(DataConfig(**{**digits.__dict__, "kind": kind}), train=False, batch_size=400,
+                          crop_pct=crop_pct)
+        outs[kind] = next(iter(loader))[0].float()
+    mse = ((outs["ffcv"] - outs["folder"]) ** 2).mean(dim=(1, 2, 3))
+    db = 10 * torch.log10(255.0 ** 2 / mse)
+    assert db.mean() > 32 and db.min() > 28
+    shifted = ((outs["ffcv"] - outs["folder"].roll(1, 0)) ** 2).mean(dim=(1, 2, 3))  # other images: far apart
+    assert (10 * torch.log10(255.0 ** 2 / shifted)).mean() < 20
