@@ -13,7 +13,7 @@ test-fast: setup  ## everything but the slow tests
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup  ## CPU benchmarks; results go in docs/benchmarks.md
-	cd benchmarks && ../$(PY) scan.py && ../$(PY) model_step.py
+	cd benchmarks && ../$(PY) scan.py && ../$(PY) model_step.py && ../$(PY) data_pipeline.py
 
 clean:
 	rm -rf .venv .pytest_cache
