@@ -1,10 +1,13 @@
-# `make test` on a fresh machine: installs everything (.venv, system libraries) and runs the tests.
+# On a fresh machine: `make demo` sets everything up and trains the demo; `make test` sets up and runs the tests.
 PY := .venv/bin/python
 
-.PHONY: setup test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup:
 	@bash scripts/setup.sh
+
+demo: setup  ## the small MambaVision on the bundled digits, CPU, a few minutes
+	$(PY) train.py experiment=demo
 
 test: setup
 	$(PY) -m pytest -q

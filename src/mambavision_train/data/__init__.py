@@ -46,7 +46,7 @@ class DataError(RuntimeError):
 
 
 HOW_TO_PREPARE = ("prepare ImageNet with `python -m mambavision_train.data.convert /path/to/imagenet /path/to/ffcv` "
-                  "(docs/data.md), or try the bundled demo data with data=digits")
+                  "(docs/data.md), or run the demo on bundled data: python train.py experiment=demo")
 
 
 def check(cfg: DataConfig, split: str) -> Path | None:

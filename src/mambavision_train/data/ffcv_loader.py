@@ -38,7 +38,10 @@ class _ShardOrder(TraversalOrder):
 
 class FFCVLoader:
     """Iterate (images uint8 (B, 3, H, W) in channels_last memory, labels int64 (B,)) over one rank's share of a
-    .beton file."""
+    .beton file.
+
+    The images are views into FFCV's reused output buffers: use (or copy) a batch before asking for the next one,
+    as DeviceAugment does; a batch kept while iterating on can be overwritten by the loader thread."""
 
     def __init__(self, path, *, train: bool, batch_size: int, res: int, crop_pct: float = 1.0,
                  crop_mode: str = "center", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
@@ -46,7 +49,7 @@ class FFCVLoader:
                  dct_scaling: bool = True):
         from ffcv.reader import Reader
         self.path, self.train, self.batch_size, self.seed, self.shard = str(path), train, batch_size, seed, shard
-        self.num_samples = Reader(self.path).num_samples
+        self.num_samples = int(Reader(self.path).num_samples)  # numpy uint64 in FFCV: keep arithmetic signed
         self.epoch, self.start_batch = 0, 0
         self.decoder = CropResizeDecoder((res, res), mode="random" if train else crop_mode, scale=scale,
                                          ratio=ratio, flip_prob=hflip, crop_pct=crop_pct, seed=seed,

@@ -1,0 +1,15 @@
+"""Evaluate MambaVision weights on ImageNet-1K (or any data config): docs/reproduce.md."""
+
+import hydra
+
+from mambavision_train.cli import run_main
+
+
+@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+def main(cfg):
+    from mambavision_train.engine.eval_run import run_eval
+    return run_main(lambda: run_eval(cfg)["top1"])
+
+
+if __name__ == "__main__":
+    main()

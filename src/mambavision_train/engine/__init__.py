@@ -1,0 +1,1 @@
+"""The training method: the loop (trainer), evaluation, EMA and MESA."""

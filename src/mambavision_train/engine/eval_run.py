@@ -1,0 +1,75 @@
+"""eval.py's work: load any weights into a variant, evaluate, compare with the paper, write the table row."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+from pathlib import Path
+
+import timm
+import torch
+from tqdm import tqdm
+
+from ..data import Shard, build_loader, from_config, DataConfig
+from ..distributed import init_distributed
+from ..models import PAPER, load_pretrained, read_checkpoint
+from ..models.pretrained import resolve_source
+from .evaluate import evaluate
+from .trainer import amp_dtype, check_model_name
+
+TABLE_HEAD = "| model | weights | top-1 | top-5 | paper top-1 | difference | images |\n|---|---|---|---|---|---|---|\n"
+
+
+def load_weights(model, source, weights: str):
+    if source is None:
+        source = model.pretrained_cfg["hf_hub_id"]
+    ckpt = read_checkpoint(resolve_source(source, model.pretrained_cfg.get("hf_hub_filename")
+                                          if str(source) == model.pretrained_cfg.get("hf_hub_id") else None))
+    ours = isinstance(ckpt.get("ema"), dict) or "state" in ckpt
+    ema = {"ema": True, "plain": False}.get(weights, ours and isinstance(ckpt.get("ema"), dict))
+    load_pretrained(model, ckpt, ema=ema)
+    return "EMA" if ema else "plain"
+
+
+def run_eval(cfg) -> dict:
+    check_model_name(cfg.model.name)
+    info = init_distributed(cfg.device)
+    data = from_config(DataConfig, cfg.data)
+    model = timm.create_model(cfg.model.name, num_classes=data.num_classes,
+                              **({"scan_impl": cfg.model.scan_impl} if cfg.model.scan_impl else {}))
+    pcfg = model.pretrained_cfg
+    res = cfg.model.img_size or pcfg["input_size"][-1]
+    loader, aug = build_loader(data, None, train=False, batch_size=cfg.batch_size, res=res,
+                               crop_pct=cfg.model.crop_pct or pcfg["crop_pct"], crop_mode=pcfg.get("crop_mode") or "center",
+                               interpolation=pcfg["interpolation"], mean=pcfg["mean"], std=pcfg["std"],
+                               shard=Shard(info.rank, info.world_size), device=info.device)
+    kind = load_weights(model, cfg.checkpoint, cfg.weights)
+    model.to(info.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    dtype = amp_dtype(cfg.amp, info.device)
+    autocast = (lambda: torch.autocast(info.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    progress = (lambda it: tqdm(it, desc=f"eval {cfg.model.name}", unit="batch", disable=not (info.is_main and cfg.progress)))
+    out = evaluate(model, loader, aug, autocast, progress)
+    paper = PAPER.get(cfg.model.name, {}).get("top1") if data.num_classes == 1000 else None
+    out.update(model=cfg.model.name, weights=f"{cfg.checkpoint or pcfg['hf_hub_id']} ({kind})", paper_top1=paper,
+               difference=None if paper is None else out["top1"] - paper)
+    if info.is_main:
+        diff = "" if paper is None else f" paper {paper:.2f} difference {out['difference']:+.2f}"
+        print(f"eval {out['model']} top1 {out['top1']:.3f} top5 {out['top5']:.3f} images {out['count']}{diff}",
+              flush=True)
+        if cfg.table:
+            append_row(Path(cfg.table), out)
+    return out
+
+
+def append_row(path: Path, r: dict):
+    fmt = lambda v: "-" if v is None else f"{v:+.2f}" if isinstance(v, float) and v is r["difference"] else (
+        f"{v:.2f}" if isinstance(v, float) else str(v))
+    row = (f"| {r['model']} | {r['weights']} | {r['top1']:.2f} | {r['top5']:.2f} | {fmt(r['paper_top1'])} | "
+           f"{fmt(r['difference'])} | {r['count']} |\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # array jobs may append at once
+        f.seek(0)
+        if not f.read():
+            f.write(TABLE_HEAD)
+        f.write(row)

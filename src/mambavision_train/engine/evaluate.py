@@ -1,0 +1,30 @@
+"""Top-1 / top-5 / loss over a loader, summed over the ranks."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..distributed import all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate(model, loader, device_aug, autocast=contextlib.nullcontext, progress=None) -> dict:
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device_aug.device)  # loss sum, top1, top5, count
+    for images, labels in (progress(loader) if progress else loader):
+        x, y = device_aug(images, labels)
+        with autocast():
+            logits = model(x)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top5 == y[:, None]
+        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hit[:, 0].sum().double(),
+                               hit.any(1).sum().double(), torch.tensor(float(len(y)), device=totals.device)])
+    model.train(was_training)
+    loss, top1, top5, n = all_reduce_sum(totals).tolist()
+    n = max(n, 1.0)
+    return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "count": int(n)}

@@ -1,0 +1,356 @@
+"""The training loop: build in a fixed order, then epochs of optimizer steps, validation, checkpoints.
+
+Build order: process group -> model -> data -> EMA -> device/DDP -> optimizer, schedule, scaler -> logger -> resume.
+A step is ``accumulation`` micro-batches (forward, loss [+ MESA], backward) then one optimizer update and one EMA
+update. Validation of the base and EMA weights closes every epoch; the best checkpoint is chosen by EMA top-1, as in
+the official code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from omegaconf import OmegaConf
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from tqdm import tqdm
+
+from .. import checkpoint as ckpt
+from ..data import AugConfig, DataConfig, Shard, build_loader, from_config
+from ..data import check as check_data
+from ..distributed import DistInfo, gather_objects, init_distributed, reduce_bn_stats
+from ..metrics import MetricsLogger
+from ..optim import build_optimizer, build_scheduler
+from .ema import EMA
+from .evaluate import evaluate
+from .mesa import mesa_active, mesa_loss
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (bad config, non-finite loss): the message says what to do."""
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # the epoch in progress
+    step: int = 0  # optimizer steps done in that epoch
+    global_step: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    skipped_steps: int = 0
+    wandb_id: str | None = None
+    wandb_step: int = 0
+
+
+def check_model_name(name: str):
+    if not (name.startswith("mambavision") and timm.is_model(name)):
+        names = ", ".join(timm.list_models("mambavision*"))
+        raise TrainingError(f"unknown model {name!r}; choose one of {names}")
+
+
+def micro_batching(batch_size: int, micro_batch_size: int, world: int) -> int:
+    """Optimizer-step batch = micro_batch_size x world size x accumulation steps."""
+    per_step = micro_batch_size * world
+    if batch_size % per_step:
+        raise TrainingError(f"batch_size={batch_size} is not a multiple of micro_batch_size ({micro_batch_size}) x "
+                            f"world size ({world}) = {per_step}; change batch_size or micro_batch_size")
+    return batch_size // per_step
+
+
+def amp_dtype(amp: str, device: torch.device):
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        # Everything that can be wrong with the request fails here, before any expensive work.
+        check_model_name(cfg.model.name)
+        self.accum = micro_batching(cfg.batch_size, cfg.micro_batch_size, int(os.environ.get("WORLD_SIZE", 1)))
+        self.data_cfg, self.aug_cfg = from_config(DataConfig, cfg.data), from_config(AugConfig, cfg.aug)
+        for split in (self.data_cfg.train_split, self.data_cfg.val_split):
+            check_data(self.data_cfg, split)
+        self.dist: DistInfo = init_distributed(cfg.device)
+        self.run_dir = Path(cfg.run_dir)
+        self.state = TrainState()
+        self._seed(cfg.seed)
+        self.model = self.build_model()
+        self.build_data()
+        self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None
+        self.model.to(self.dist.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        if self.ema:
+            self.ema.module.to(self.dist.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        self.train_model = self.parallelize(self.model)
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise TrainingError(f"one optimizer step needs {cfg.batch_size} images per epoch but this rank has "
+                                f"{len(self.train_loader) * cfg.micro_batch_size}; lower batch_size")
+        self.total_epochs = cfg.epochs + cfg.sched.cooldown_epochs
+        self.scheduler = build_scheduler(cfg.sched, self.optimizer, cfg.epochs, self.steps_per_epoch)
+        self.dtype = amp_dtype(cfg.amp, self.dist.device)
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.dtype == torch.float16)
+        self.criterion = self.build_criterion()
+        self.resume()
+        self.logger = MetricsLogger(self.run_dir, cfg.logger, self.dist.is_main,
+                                    OmegaConf.to_container(cfg, resolve=True), run_id=self.state.wandb_id,
+                                    name=cfg.run_name)
+        self.state.wandb_id = self.logger.run_id
+
+    # ------------------------------------------------------------------------------------------------- build
+    def _seed(self, seed):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def build_model(self):
+        m = self.cfg.model
+        kwargs = {k: v for k, v in dict(drop_path_rate=m.drop_path_rate, scan_impl=m.scan_impl,
+                                        num_classes=self.cfg.data.num_classes).items() if v is not None}
+        model = timm.create_model(m.name, **kwargs)
+        if self.cfg.model.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        return model
+
+    def build_data(self):
+        cfg, data, aug = self.cfg, self.data_cfg, self.aug_cfg
+        pcfg = self.model.pretrained_cfg
+        res = cfg.model.img_size or pcfg["input_size"][-1]
+        shard = Shard(self.dist.rank, self.dist.world_size)
+        common = dict(res=res, mean=pcfg["mean"], std=pcfg["std"], shard=shard, device=self.dist.device)
+        self.train_loader, self.train_aug = build_loader(data, aug, train=True, batch_size=cfg.micro_batch_size,
+                                                         seed=cfg.seed, **common)
+        self.val_loader, self.val_aug = build_loader(
+            data, aug, train=False, batch_size=cfg.eval_batch_size or cfg.micro_batch_size, seed=cfg.seed,
+            crop_pct=cfg.model.crop_pct or pcfg["crop_pct"], crop_mode=pcfg.get("crop_mode") or "center",
+            interpolation=pcfg["interpolation"], **common)
+
+    def parallelize(self, model):
+        if not self.dist.distributed:
+            return model
+        if self.cfg.dist.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.model = model
+        ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def build_criterion(self):
+        aug = self.cfg.aug
+        if aug.mixup > 0 or aug.cutmix > 0:
+            return SoftTargetCrossEntropy()  # smoothing is folded into the Mixup targets
+        return LabelSmoothingCrossEntropy(aug.smoothing) if aug.smoothing > 0 else torch.nn.CrossEntropyLoss()
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.dtype)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "state": asdict(self.state), "data_seed": self.cfg.seed,
+                "rng": gather_objects(ckpt.rng_state(), self.dist), "world_size": self.dist.world_size,
+                "config": OmegaConf.to_yaml(self.cfg, resolve=True)}
+
+    def save(self, best: bool = False, tag: str | None = None):
+        self.state.wandb_step = self.state.global_step
+        state = self.state_dict()  # collective (RNG gather): every rank takes part
+        if not self.dist.is_main:
+            return
+        d = self.run_dir / "checkpoints"
+        ckpt.atomic_save(state, d / "last.pth.tar")
+        if tag:
+            ckpt.atomic_copy(d / "last.pth.tar", d / f"{tag}.pth.tar")
+        if self.ema:
+            ckpt.atomic_save(self.ema.state_dict(), d / "ema_last.pth")
+        if best:
+            ckpt.atomic_copy(d / "last.pth.tar", d / "best.pth.tar")
+            if self.ema:
+                ckpt.atomic_copy(d / "ema_last.pth", d / "ema_best.pth")
+
+    def resume(self):
+        mode = str(self.cfg.resume)
+        path = None if mode == "never" else (ckpt.latest(self.run_dir) if mode == "auto" else Path(mode))
+        if path is None:
+            return
+        if not path.is_file():
+            raise TrainingError(f"resume={mode}: no checkpoint at {path}")
+        state = ckpt.load(path)
+        self.model.load_state_dict(state["model"])
+        if self.ema and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState(**state["state"])
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            ckpt.set_rng_state(rngs[self.dist.rank])
+        if self.dist.is_main:
+            print(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step}/{self.steps_per_epoch}, "
+                  f"global step {self.state.global_step}", flush=True)
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def train_step(self, batches) -> dict:
+        """One optimizer step over ``accumulation`` micro-batches pulled from the iterator ``batches``.
+
+        Each micro-batch is augmented (copied off the loader's buffer) before the next is requested: FFCV reuses its
+        output buffers, so holding a batch while asking for another would let the loader overwrite it."""
+        cfg, st = self.cfg, self.state
+        mesa_on = self.ema is not None and mesa_active(cfg.mesa.weight, cfg.mesa.start_ratio, st.epoch, cfg.epochs)
+        losses, finite = [], True
+        for i in range(self.accum):
+            t0 = time.perf_counter()
+            images, labels = next(batches)
+            self.data_wait += time.perf_counter() - t0
+            x, y = self.train_aug(images, labels)
+            sync = self.train_model.no_sync() if (self.dist.distributed and i < self.accum - 1) else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    logits = self.train_model(x)
+                    loss = self.criterion(logits, y)
+                    if mesa_on:
+                        with torch.no_grad():
+                            ema_logits = self.ema.module(x)
+                        loss = loss + mesa_loss(logits, ema_logits, cfg.mesa.weight)
+                finite &= bool(torch.isfinite(loss))
+                self.scaler.scale(loss / self.accum).backward()
+            losses.append(loss.detach().float())
+        if not finite:
+            return self.non_finite(torch.stack(losses))
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.clip_grad if cfg.clip_grad else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update(self.model)
+        return {"loss": torch.stack(losses).mean().item(), "grad_norm": float(grad_norm)}
+
+    def non_finite(self, losses) -> dict:
+        st = self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        where = f"epoch {st.epoch}, step {st.step} (global step {st.global_step})"
+        if self.cfg.nan_policy == "skip":
+            st.skipped_steps += 1
+            return {"loss": float("nan"), "grad_norm": float("nan"), "skipped": st.skipped_steps}
+        last = ckpt.latest(self.run_dir)
+        raise TrainingError(f"non-finite loss {losses.tolist()} at {where}; no update was applied. Last good "
+                            f"checkpoint: {last or 'none yet'} (rerun to resume from it; nan_policy=skip skips such "
+                            f"steps; try amp=bf16 or a lower optim.lr)")
+
+    def train_epoch(self):
+        cfg, st = self.cfg, self.state
+        self.train_model.train()
+        self.train_loader.set_epoch(st.epoch, start_batch=st.step * self.accum)
+        batches = iter(self.train_loader)
+        bar = tqdm(total=self.steps_per_epoch, initial=st.step, desc=f"epoch {st.epoch}", unit="step",
+                   disable=not (self.dist.is_main and cfg.progress), dynamic_ncols=True, leave=False)
+        images_per_step = cfg.batch_size
+        t_epoch = t_last = time.perf_counter()
+        self.data_wait, since = 0.0, 0  # seconds waiting for data, steps since the last log line
+        while st.step < self.steps_per_epoch:
+            self.scheduler.step_update(st.global_step + 1)  # the official schedule: lr of update k is sched(k)
+            out = self.train_step(batches)
+            st.step += 1
+            st.global_step += 1
+            since += 1
+            bar.update(1)
+            rate = bar.format_dict.get("rate")
+            bar.set_postfix(loss=f"{out['loss']:.3f}", img_s=f"{images_per_step * rate:.0f}" if rate else "-")
+            if st.global_step % cfg.log_every == 0 or st.step == self.steps_per_epoch:
+                now = time.perf_counter()
+                metrics = {"train/loss": out["loss"], "train/grad_norm": out["grad_norm"],
+                           "train/lr": self.optimizer.param_groups[0]["lr"],
+                           "train/img_per_s": images_per_step * since / max(now - t_last, 1e-9),
+                           "train/data_wait_frac": self.data_wait / max(now - t_last, 1e-9), "train/epoch": st.epoch,
+                           "train/skipped_steps": st.skipped_steps}
+                if torch.cuda.is_available():
+                    metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                self.logger.log(metrics, st.global_step, console=(
+                    f"train epoch {st.epoch} step {st.step}/{self.steps_per_epoch} global {st.global_step} "
+                    f"loss {out['loss']:.4f} lr {metrics['train/lr']:.3e} img/s {metrics['train/img_per_s']:.1f}"
+                ) if not cfg.progress else None)
+                t_last, self.data_wait, since = now, 0.0, 0
+            if cfg.checkpoint.every_n_steps and st.global_step % cfg.checkpoint.every_n_steps == 0 \
+                    and st.step < self.steps_per_epoch:
+                self.save(tag=f"step_{st.global_step}" if cfg.checkpoint.keep_steps else None)
+                self._debug_kill()
+            if cfg.max_steps and st.global_step >= cfg.max_steps:
+                break
+        bar.close()
+        return time.perf_counter() - t_epoch
+
+    def _debug_kill(self):
+        # Tests of exact resume: die like a preempted node right after this checkpoint.
+        if self.cfg.debug.kill_at_step and self.state.global_step == self.cfg.debug.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def validate(self) -> dict:
+        progress = (lambda it: tqdm(it, desc="val", leave=False, disable=not (self.dist.is_main and self.cfg.progress)))
+        reduce_bn_stats(self.model)
+        out = {f"val/{k}": v for k, v in evaluate(self.model, self.val_loader, self.val_aug, self.autocast,
+                                                  progress).items() if k != "count"}
+        if self.ema:
+            reduce_bn_stats(self.ema.module)
+            out.update({f"val_ema/{k}": v for k, v in evaluate(self.ema.module, self.val_loader, self.val_aug,
+                                                                self.autocast, progress).items() if k != "count"})
+        return out
+
+    # ------------------------------------------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        cfg, st = self.cfg, self.state
+        t_start, images = time.perf_counter(), 0
+        metrics = {}
+        while st.epoch < self.total_epochs and not (cfg.max_steps and st.global_step >= cfg.max_steps):
+            steps_before = st.global_step
+            epoch_time = self.train_epoch()
+            images += (st.global_step - steps_before) * cfg.batch_size
+            if st.step < self.steps_per_epoch:  # stopped by max_steps inside the epoch
+                self.save()
+                break
+            metrics = self.validate()
+            key = "val_ema/top1" if self.ema else "val/top1"
+            best = metrics[key] > st.best_top1
+            if best:
+                st.best_top1, st.best_epoch = metrics[key], st.epoch
+            metrics["train/epoch_time_s"] = epoch_time
+            self.logger.log(metrics, st.global_step, console=f"val epoch {st.epoch} " + " ".join(
+                f"{k} {v:.3f}" for k, v in metrics.items()))
+            st.epoch, st.step = st.epoch + 1, 0
+            self.save(best=best)
+        elapsed = time.perf_counter() - t_start
+        summary = {"base_top1": metrics.get("val/top1"), "ema_top1": metrics.get("val_ema/top1"),
+                   "best_top1": st.best_top1, "best_epoch": st.best_epoch, "img_per_s": images / max(elapsed, 1e-9),
+                   "epochs": st.epoch, "global_step": st.global_step, "skipped_steps": st.skipped_steps,
+                   "checkpoints": str(self.run_dir / "checkpoints"), "minutes": elapsed / 60}
+        self.logger.summary(summary)
+        if self.dist.is_main:
+            print(summary_table(summary), flush=True)
+        self.logger.close()
+        return summary
+
+
+def summary_table(s: dict) -> str:
+    fmt = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+    rows = [("val top-1, base weights", s["base_top1"]), ("val top-1, EMA weights", s["ema_top1"]),
+            ("best top-1 (selects best.pth.tar)", s["best_top1"]), ("best epoch", s["best_epoch"]),
+            ("train images/s", s["img_per_s"]), ("epochs done", s["epochs"]), ("optimizer steps", s["global_step"]),
+            ("skipped steps (non-finite loss)", s["skipped_steps"]), ("wall time, minutes", s["minutes"]),
+            ("checkpoints", s["checkpoints"])]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(["", "| summary" + " " * (width - 6) + "| value |", "|" + "-" * (width + 2) + "|-------|"] +
+                     [f"| {k:<{width}} | {fmt(v)} |" for k, v in rows])
