@@ -196,3 +196,35 @@ def test_eval_py_on_an_official_format_checkpoint(env, tmp_path):
     got = float(re.search(r"top1 ([0-9.]+)", res.stdout).group(1))
     assert abs(got - want) < 1e-3, (got, want)
     assert "| mambavision_demo |" in (tmp_path / "table.md").read_text()
+
+
+# SGD: its update is proportional to the gradient (Adam's first step is ~lr * sign(g), which turns rounding noise
+# in near-zero gradients into full-size differences); no warmup, so the step is large.
+DDP_COMMON = ["experiment=demo", "aug=none", "aug.hflip=0.0", "aug.color_jitter=0.0", "model.drop_path_rate=0.0", "max_steps=1",
+              "progress=false", "logger.mode=disabled", "ema.enabled=false", "optim.name=sgd", "optim.lr=0.2",
+              "optim.weight_decay=0.0", "sched.warmup_epochs=0"]
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_equal_one_process_at_twice_the_batch(env, tmp_path):
+    """2 ranks x batch 16 with SyncBN == 1 process x batch 32 after one step: the same 32 images (rank r reads every
+    2nd sample of the same permutation), crops hashed per sample, gradients averaged, BN statistics over all 32."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run("train.py", *DDP_COMMON, "batch_size=32", "micro_batch_size=32", f"run_dir={one}", env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29611",
+                str(ROOT / "train.py"), *DDP_COMMON, "dist=ddp", "dist.sync_bn=true", "batch_size=32",
+                "micro_batch_size=16", f"run_dir={two}"]
+    res = subprocess.run(torchrun, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import timm
+    import mambavision_train  # noqa: F401
+    torch.manual_seed(31)  # the trainer's seed: the initial weights of both runs
+    init = timm.create_model("mambavision_demo", drop_path_rate=0.0, num_classes=10).state_dict()
+    a, b = final_state(one)["model"], final_state(two)["model"]
+    assert a.keys() == b.keys()
+    moved = max((a[k] - init[k]).abs().max().item() for k in a if a[k].is_floating_point())
+    assert moved > 1e-2  # the step was not negligible
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())

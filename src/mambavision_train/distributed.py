@@ -89,3 +89,49 @@ def reduce_bn_stats(model: torch.nn.Module):
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class SyncBatchNormAnyDevice(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics span all ranks, on any device and backend.
+
+    torch.nn.SyncBatchNorm only runs on CUDA/XPU; this one is for gloo/CPU (and is used only there). Two passes
+    (mean, then variance around it) over autograd-aware all-reduces give the statistics of the concatenated batch."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        import warnings
+        with warnings.catch_warnings():  # deprecated in favour of a private API without autograd; still correct
+            warnings.simplefilter("ignore", FutureWarning)
+            from torch.distributed.nn.functional import all_reduce
+            return self._forward_synced(x, all_reduce)
+
+    def _forward_synced(self, x, all_reduce):
+        dims = (0, 2, 3)
+        count = all_reduce(x.new_tensor([x.numel() / x.shape[1]]))
+        mean = all_reduce(x.sum(dims)) / count
+        centered = x - mean[None, :, None, None]
+        var = all_reduce((centered * centered).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * count / (count - 1), m)
+        y = centered * torch.rsqrt(var + self.eps)[None, :, None, None]
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None] if self.affine else y
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    if device.type in ("cuda", "xpu"):
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is torch.nn.BatchNorm2d:
+            sync = SyncBatchNormAnyDevice(child.num_features, child.eps, child.momentum, child.affine,
+                                          child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            sync.to(child.weight.device if child.affine else child.running_mean.device)
+            setattr(model, name, sync)
+        else:
+            convert_sync_batchnorm(child, device)
+    return model

@@ -14,9 +14,12 @@ from timm.scheduler import CosineLRScheduler
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """cfg: name (adamw|lamb), lr (absolute: not scaled by batch size), weight_decay, betas, eps."""
+    """cfg: name (adamw|lamb|any timm optimizer), lr (absolute: not scaled by batch size), weight_decay, and for
+    Adam-style optimizers betas and eps."""
+    adam_like = any(k in cfg.name for k in ("adam", "lamb"))
+    extra = dict(betas=tuple(cfg.betas), eps=cfg.eps) if adam_like else {}
     return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               betas=tuple(cfg.betas), eps=cfg.eps, filter_bias_and_bn=True)
+                               filter_bias_and_bn=True, **extra)
 
 
 def build_scheduler(cfg, optimizer, epochs: int, steps_per_epoch: int) -> CosineLRScheduler:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from ..data import AugConfig, DataConfig, Shard, build_loader, from_config
 from ..data import check as check_data
-from ..distributed import DistInfo, gather_objects, init_distributed, reduce_bn_stats
+from ..distributed import DistInfo, convert_sync_batchnorm, gather_objects, init_distributed, reduce_bn_stats
 from ..metrics import MetricsLogger
 from ..optim import build_optimizer, build_scheduler
 from .ema import EMA
@@ -84,6 +84,7 @@ class Trainer:
         self.dist: DistInfo = init_distributed(cfg.device)
         self.run_dir = Path(cfg.run_dir)
         self.state = TrainState()
+        self.data_wait = 0.0  # seconds spent waiting for batches since the last log line
         self._seed(cfg.seed)
         self.model = self.build_model()
         self.build_data()
@@ -91,7 +92,7 @@ class Trainer:
         self.model.to(self.dist.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         if self.ema:
             self.ema.module.to(self.dist.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-        self.train_model = self.parallelize(self.model)
+        self.train_model = self.maybe_compile(self.parallelize(self.model))
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -140,10 +141,13 @@ class Trainer:
         if not self.dist.distributed:
             return model
         if self.cfg.dist.sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = convert_sync_batchnorm(model, self.dist.device)
             self.model = model
         ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def maybe_compile(self, model):
+        return torch.compile(model) if self.cfg.compile else model
 
     def build_criterion(self):
         aug = self.cfg.aug
