@@ -62,10 +62,10 @@ def run_eval(cfg) -> dict:
 
 
 def append_row(path: Path, r: dict):
-    fmt = lambda v: "-" if v is None else f"{v:+.2f}" if isinstance(v, float) and v is r["difference"] else (
-        f"{v:.2f}" if isinstance(v, float) else str(v))
-    row = (f"| {r['model']} | {r['weights']} | {r['top1']:.2f} | {r['top5']:.2f} | {fmt(r['paper_top1'])} | "
-           f"{fmt(r['difference'])} | {r['count']} |\n")
+    paper = "-" if r["paper_top1"] is None else f"{r['paper_top1']:.2f}"
+    diff = "-" if r["difference"] is None else f"{r['difference']:+.2f}"
+    row = (f"| {r['model']} | {r['weights']} | {r['top1']:.2f} | {r['top5']:.2f} | {paper} | {diff} | "
+           f"{r['count']} |\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # array jobs may append at once
