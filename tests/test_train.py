@@ -62,6 +62,8 @@ def test_eval_config_composes():
     ([], "error: data.root is not set"),
     (["experiment=demo", "batch_size=100"], "error: batch_size=100 is not a multiple of micro_batch_size (64)"),
     (["optim.lrr=1"], "Could not override 'optim.lrr'."),
+    (["experiment=demo", "amp=bf17"], "error: amp='bf17': choose auto, bf16, fp16, fp32"),
+    (["experiment=demo", "nan_policy=ignore"], "error: nan_policy='ignore': choose stop or skip"),
 ])
 def test_bad_requests_fail_at_once_with_one_line(env, overrides, message):
     res = run("train.py", *overrides, env={**env, "IMAGENET_FFCV": ""} if not overrides else env, check=False, timeout=120)

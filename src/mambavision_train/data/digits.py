@@ -6,6 +6,7 @@ converted to .beton files by the same converter as ImageNet; both stay in a cach
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -50,8 +51,11 @@ def prepare(root: str | os.PathLike | None = None, workers: int = 2) -> Path:
     """Build the digits ImageFolder and its .beton files under ``root`` if missing; returns ``root``."""
     from .convert import ConvertOptions, convert
     root = Path(root) if root else default_root()
-    images = build_folder(root)
-    if not all((root / f"{s}.beton").exists() for s in ("train", "val")):
-        convert(images, root, ("train", "val"), ConvertOptions(max_side=SIZE, quality=95, workers=workers,
-                                                              overwrite=True))
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # every rank of a first distributed run gets here: one builds, the rest wait
+        images = build_folder(root)
+        if not all((root / f"{s}.beton").exists() for s in ("train", "val")):
+            convert(images, root, ("train", "val"), ConvertOptions(max_side=SIZE, quality=95, workers=workers,
+                                                                  overwrite=True))
     return root

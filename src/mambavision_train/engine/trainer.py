@@ -66,10 +66,15 @@ def micro_batching(batch_size: int, micro_batch_size: int, world: int) -> int:
     return batch_size // per_step
 
 
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
 def amp_dtype(amp: str, device: torch.device):
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+    if amp not in AMP:
+        raise TrainingError(f"amp={amp!r}: choose auto, {', '.join(AMP)}")
+    return AMP[amp]
 
 
 class Trainer:
@@ -77,6 +82,9 @@ class Trainer:
         self.cfg = cfg
         # Everything that can be wrong with the request fails here, before any expensive work.
         check_model_name(cfg.model.name)
+        amp_dtype(cfg.amp, torch.device("cpu"))
+        if cfg.nan_policy not in ("stop", "skip"):
+            raise TrainingError(f"nan_policy={cfg.nan_policy!r}: choose stop or skip")
         self.accum = micro_batching(cfg.batch_size, cfg.micro_batch_size, int(os.environ.get("WORLD_SIZE", 1)))
         self.data_cfg, self.aug_cfg = from_config(DataConfig, cfg.data), from_config(AugConfig, cfg.aug)
         for split in (self.data_cfg.train_split, self.data_cfg.val_split):
@@ -89,9 +97,9 @@ class Trainer:
         self.model = self.build_model()
         self.build_data()
         self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None
-        self.model.to(self.dist.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-        if self.ema:
-            self.ema.module.to(self.dist.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        for module in [self.model] + ([self.ema.module] if self.ema else []):
+            module.to(self.dist.device, memory_format=fmt)
         self.train_model = self.maybe_compile(self.parallelize(self.model))
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.steps_per_epoch = len(self.train_loader) // self.accum
