@@ -12,7 +12,6 @@ the single-core JPEG decode rate, and the cost of the full paper augmentation on
 from __future__ import annotations
 
 import argparse
-import io
 import resource
 import statistics
 import time

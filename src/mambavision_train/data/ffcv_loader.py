@@ -7,10 +7,6 @@ ToTorchImage (ffcv issues #350, #396), and uint8 is the cheapest thing to move t
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
-import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import Loader
 from ffcv.traversal_order.base import TraversalOrder

@@ -10,8 +10,6 @@ Ops follow PIL's definitions (enhance blends, posterize/solarize LUTs, affine ma
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF

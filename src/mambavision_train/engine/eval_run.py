@@ -14,7 +14,7 @@ from ..data import Shard, build_loader, from_config, DataConfig
 from ..distributed import init_distributed
 from ..models import PAPER, load_pretrained, read_checkpoint
 from ..models.pretrained import resolve_source
-from .evaluate import evaluate
+from .evaluate import evaluate, variant_data_args
 from .trainer import amp_dtype, check_model_name
 
 TABLE_HEAD = "| model | weights | top-1 | top-5 | paper top-1 | difference | images |\n|---|---|---|---|---|---|---|\n"
@@ -38,11 +38,9 @@ def run_eval(cfg) -> dict:
     model = timm.create_model(cfg.model.name, num_classes=data.num_classes,
                               **({"scan_impl": cfg.model.scan_impl} if cfg.model.scan_impl else {}))
     pcfg = model.pretrained_cfg
-    res = cfg.model.img_size or pcfg["input_size"][-1]
-    loader, aug = build_loader(data, None, train=False, batch_size=cfg.batch_size, res=res,
-                               crop_pct=cfg.model.crop_pct or pcfg["crop_pct"], crop_mode=pcfg.get("crop_mode") or "center",
-                               interpolation=pcfg["interpolation"], mean=pcfg["mean"], std=pcfg["std"],
-                               shard=Shard(info.rank, info.world_size), device=info.device)
+    loader, aug = build_loader(data, None, train=False, batch_size=cfg.batch_size,
+                               shard=Shard(info.rank, info.world_size), device=info.device,
+                               **variant_data_args(model, cfg.model))
     kind = load_weights(model, cfg.checkpoint, cfg.weights)
     model.to(info.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     dtype = amp_dtype(cfg.amp, info.device)

@@ -10,6 +10,15 @@ import torch.nn.functional as F
 from ..distributed import all_reduce_sum
 
 
+def variant_data_args(model, model_cfg) -> dict:
+    """How a variant is fed for evaluation: its default cfg (resolution, eval crop, interpolation, mean/std), with
+    the model config's img_size / crop_pct overrides."""
+    pcfg = model.pretrained_cfg
+    return dict(res=model_cfg.img_size or pcfg["input_size"][-1], crop_pct=model_cfg.crop_pct or pcfg["crop_pct"],
+                crop_mode=pcfg.get("crop_mode") or "center", interpolation=pcfg["interpolation"],
+                mean=pcfg["mean"], std=pcfg["std"])
+
+
 @torch.no_grad()
 def evaluate(model, loader, device_aug, autocast=contextlib.nullcontext, progress=None) -> dict:
     was_training = model.training

@@ -9,7 +9,6 @@ the official code.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import signal
@@ -31,7 +30,7 @@ from ..distributed import DistInfo, convert_sync_batchnorm, gather_objects, init
 from ..metrics import MetricsLogger
 from ..optim import build_optimizer, build_scheduler
 from .ema import EMA
-from .evaluate import evaluate
+from .evaluate import evaluate, variant_data_args
 from .mesa import mesa_active, mesa_loss
 
 
@@ -47,8 +46,7 @@ class TrainState:
     best_top1: float = -1.0
     best_epoch: int = -1
     skipped_steps: int = 0
-    wandb_id: str | None = None
-    wandb_step: int = 0
+    wandb_id: str | None = None  # the W&B step is global_step
 
 
 def check_model_name(name: str):
@@ -134,16 +132,14 @@ class Trainer:
 
     def build_data(self):
         cfg, data, aug = self.cfg, self.data_cfg, self.aug_cfg
-        pcfg = self.model.pretrained_cfg
-        res = cfg.model.img_size or pcfg["input_size"][-1]
-        shard = Shard(self.dist.rank, self.dist.world_size)
-        common = dict(res=res, mean=pcfg["mean"], std=pcfg["std"], shard=shard, device=self.dist.device)
+        view = variant_data_args(self.model, cfg.model)
+        common = dict(res=view["res"], mean=view["mean"], std=view["std"], seed=cfg.seed,
+                      shard=Shard(self.dist.rank, self.dist.world_size), device=self.dist.device)
         self.train_loader, self.train_aug = build_loader(data, aug, train=True, batch_size=cfg.micro_batch_size,
-                                                         seed=cfg.seed, **common)
-        self.val_loader, self.val_aug = build_loader(
-            data, aug, train=False, batch_size=cfg.eval_batch_size or cfg.micro_batch_size, seed=cfg.seed,
-            crop_pct=cfg.model.crop_pct or pcfg["crop_pct"], crop_mode=pcfg.get("crop_mode") or "center",
-            interpolation=pcfg["interpolation"], **common)
+                                                         **common)
+        self.val_loader, self.val_aug = build_loader(data, aug, train=False,
+                                                     batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+                                                     **{**view, **common})
 
     def parallelize(self, model):
         if not self.dist.distributed:
@@ -177,7 +173,6 @@ class Trainer:
                 "config": OmegaConf.to_yaml(self.cfg, resolve=True)}
 
     def save(self, best: bool = False, tag: str | None = None):
-        self.state.wandb_step = self.state.global_step
         state = self.state_dict()  # collective (RNG gather): every rank takes part
         if not self.dist.is_main:
             return

@@ -9,7 +9,6 @@ Unlike the official code, the selective scan runs without compiled kernels (``ma
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -112,7 +111,6 @@ class MambaVisionMixer(nn.Module):
         self.conv1d_z = nn.Conv1d(half, half, kernel_size=d_conv, groups=half, bias=False)
 
     def forward(self, hidden_states):  # (B, L, C) -> (B, L, C)
-        seqlen = hidden_states.shape[1]
         half = self.d_inner // 2
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, C, L)
         # Both depthwise convs as one grouped conv over the concatenated channels: the same arithmetic, one kernel.
