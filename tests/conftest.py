@@ -7,6 +7,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """The environment of train.py / eval.py runs: a private data cache, W&B offline and quiet."""
+    cache = tmp_path_factory.mktemp("cache")
+    return dict(os.environ, MAMBAVISION_CACHE=str(cache), WANDB_MODE="offline", WANDB_SILENT="true",
+                OMP_NUM_THREADS="2")
+
+
+@pytest.fixture(scope="session")
 def official():
     """The official mambavision package (test-only reference), its scan routed to mamba_ssm's reference loop."""
     from mambavision_train.ops.selective_scan.mamba_ssm_compat import reference_selective_scan_fn

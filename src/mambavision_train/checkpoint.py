@@ -5,6 +5,10 @@ states of every rank (python, numpy, torch CPU and CUDA), the data-order seed, t
 top-1 and the resolved config. Every file is written next to its target and renamed into place, so a kill at any
 moment leaves the previous checkpoint intact. Everything in it is a tensor, number, string or container of those:
 it loads with ``torch.load(weights_only=True)``.
+
+Under FSDP2 the model, EMA and optimizer are saved sharded with torch.distributed.checkpoint (each rank writes its
+shards) into a fresh directory that is renamed into place; ``last.dcp`` / ``best.dcp`` are symlinks swapped
+atomically onto it. The EMA weights are also exported in full (``ema_last.pth``), loadable by the plain model.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,5 +71,113 @@ def _tuples(x):
 
 
 def latest(run_dir: str | os.PathLike) -> Path | None:
-    path = Path(run_dir) / "checkpoints" / "last.pth.tar"
-    return path if path.is_file() else None
+    """The run's last checkpoint: ``last.dcp`` (sharded) or ``last.pth.tar``, whichever was written last."""
+    d = Path(run_dir) / "checkpoints"
+    found = [p for p in (d / "last.dcp", d / "last.pth.tar") if p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+class RunCheckpoints:
+    """Writes and reads a run's checkpoints: one file (one process, DDP) or a sharded directory (FSDP2).
+
+    ``meta`` is the small, rank-0 part (schedule, scaler, counters, RNG states of all ranks, config); the model,
+    EMA and optimizer come from the objects themselves."""
+
+    def __init__(self, run_dir, model, ema, optimizer, is_main: bool, sharded: bool):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.model, self.ema, self.optimizer, self.is_main, self.sharded = model, ema, optimizer, is_main, sharded
+
+    def save(self, meta: dict, best: bool = False, tag: str | None = None):
+        """Collective: every rank calls it."""
+        names = ["last"] + (["best"] if best else []) + ([tag] if tag else [])
+        (self._save_sharded if self.sharded else self._save_file)(meta, names)
+        ema_full = self._ema_full_state()
+        if self.is_main and ema_full is not None:
+            atomic_save(ema_full, self.dir / "ema_last.pth")
+            if best:
+                atomic_copy(self.dir / "ema_last.pth", self.dir / "ema_best.pth")
+
+    def _save_file(self, meta, names):
+        if not self.is_main:
+            return
+        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                 "optimizer": self.optimizer.state_dict(), **meta}
+        atomic_save(state, self.dir / "last.pth.tar")
+        for name in names[1:]:
+            atomic_copy(self.dir / "last.pth.tar", self.dir / f"{name}.pth.tar")
+
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+        model, optim = get_state_dict(self.model, self.optimizer)
+        state = {"model": model, "optimizer": optim}
+        if self.ema:
+            state["ema"] = get_model_state_dict(self.ema.module)
+        return state
+
+    def _save_sharded(self, meta, names):
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        name = [f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}" if self.is_main else None]
+        dist.broadcast_object_list(name)  # one directory name for all ranks
+        final = self.dir / "dcp" / name[0]
+        tmp = final.with_name(final.name + ".tmp")
+        dcp.save(self._sharded_state(), checkpoint_id=tmp)
+        if self.is_main:
+            atomic_save(meta, tmp / "meta.pth")
+            os.replace(tmp, final)
+            for link in names:
+                _point(self.dir / f"{link}.dcp", final)
+            self._prune()
+        dist.barrier()
+
+    def _prune(self):
+        """Remove sharded checkpoints no link points at any more (and leftovers of interrupted saves)."""
+        kept = {p.resolve() for p in self.dir.glob("*.dcp")}
+        for d in (self.dir / "dcp").iterdir():
+            if d.resolve() not in kept:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _ema_full_state(self):
+        if not self.ema:
+            return None
+        if not self.sharded:
+            return self.ema.state_dict() if self.is_main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.ema.module, options=StateDictOptions(full_state_dict=True,
+                                                                              cpu_offload=True))
+
+    def load(self, path: Path) -> dict:
+        """Restores model, EMA and optimizer in place; returns the meta part."""
+        if path.is_dir() != self.sharded:
+            raise CheckpointMismatch(
+                f"{path} is a {'sharded (FSDP2)' if path.is_dir() else 'single-file'} checkpoint but this run is "
+                f"{'dist=fsdp' if self.sharded else 'not sharded'}; resume it with "
+                f"{'dist=fsdp' if path.is_dir() else 'dist=none or dist=ddp'} or start a new run_dir")
+        if not self.sharded:
+            state = load(path)
+            self.model.load_state_dict(state["model"])
+            if self.ema and state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            return state
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=path.resolve())
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        if self.ema:
+            set_model_state_dict(self.ema.module, state["ema"])
+        return load(path / "meta.pth")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint written by another kind of run (sharded vs single file)."""
+
+
+def _point(link: Path, target: Path):
+    """Atomically make ``link`` a relative symlink to ``target``."""
+    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)

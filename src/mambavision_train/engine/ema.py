@@ -11,6 +11,8 @@ import copy
 
 import torch
 
+from ..parallel import local
+
 
 class EMA:
     def __init__(self, model: torch.nn.Module, decay: float = 0.9998):
@@ -28,7 +30,7 @@ class EMA:
     def update(self, model: torch.nn.Module):
         """ema = decay * ema + (1 - decay) * weights; buffers (BN statistics) are copied, as timm does."""
         params, buffers = self._pairs(model)
-        float_pairs = [(e, p) for e, p in params if e.is_floating_point()]
+        float_pairs = [(local(e), local(p)) for e, p in params if e.is_floating_point()]
         if float_pairs:
             torch._foreach_lerp_([e for e, _ in float_pairs], [p.to(e.dtype) for e, p in float_pairs], 1.0 - self.decay)
         for e, b in buffers:

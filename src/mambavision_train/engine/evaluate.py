@@ -7,7 +7,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..distributed import all_reduce_sum
+from ..distributed import all_reduce_max, all_reduce_sum
+from ..parallel import is_sharded
 
 
 def variant_data_args(model, model_cfg) -> dict:
@@ -24,15 +25,23 @@ def evaluate(model, loader, device_aug, autocast=contextlib.nullcontext, progres
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device_aug.device)  # loss sum, top1, top5, count
+    # FSDP's forward is collective: a rank with fewer batches joins the others' last forwards with dummy ones.
+    lockstep = is_sharded(model)
+    steps = int(all_reduce_max(torch.tensor(len(loader), device=totals.device))) if lockstep else 0
+    done = 0
     for images, labels in (progress(loader) if progress else loader):
         x, y = device_aug(images, labels)
         with autocast():
             logits = model(x)
+        done += 1
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top5 == y[:, None]
         totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hit[:, 0].sum().double(),
                                hit.any(1).sum().double(), torch.tensor(float(len(y)), device=totals.device)])
+    for _ in range(done, steps):
+        with autocast():
+            model(x[:1])
     model.train(was_training)
     loss, top1, top5, n = all_reduce_sum(totals).tolist()
     n = max(n, 1.0)

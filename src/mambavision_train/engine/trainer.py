@@ -26,9 +26,10 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from ..data import AugConfig, DataConfig, Shard, build_loader, from_config
 from ..data import check as check_data
-from ..distributed import DistInfo, convert_sync_batchnorm, gather_objects, init_distributed, reduce_bn_stats
+from ..distributed import DistInfo, gather_objects, init_distributed, reduce_bn_stats
 from ..metrics import MetricsLogger
 from ..optim import build_optimizer, build_scheduler
+from ..parallel import KINDS, clip_grad_norm, grad_sync, is_sharded, parallelize
 from .ema import EMA
 from .evaluate import evaluate, variant_data_args
 from .mesa import mesa_active, mesa_loss
@@ -83,6 +84,11 @@ class Trainer:
         amp_dtype(cfg.amp, torch.device("cpu"))
         if cfg.nan_policy not in ("stop", "skip"):
             raise TrainingError(f"nan_policy={cfg.nan_policy!r}: choose stop or skip")
+        if cfg.dist.kind not in KINDS:
+            raise TrainingError(f"dist={cfg.dist.kind!r}: choose {', '.join(KINDS)}")
+        if cfg.dist.kind == "fsdp" and cfg.amp == "fp16":
+            raise TrainingError("amp=fp16 with dist=fsdp is not supported (GradScaler does not see other ranks' "
+                                "shards); use amp=bf16")
         self.accum = micro_batching(cfg.batch_size, cfg.micro_batch_size, int(os.environ.get("WORLD_SIZE", 1)))
         self.data_cfg, self.aug_cfg = from_config(DataConfig, cfg.data), from_config(AugConfig, cfg.aug)
         for split in (self.data_cfg.train_split, self.data_cfg.val_split):
@@ -95,10 +101,15 @@ class Trainer:
         self.model = self.build_model()
         self.build_data()
         self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        # FSDP2 shards only contiguous parameters: there channels_last stays on the activations (the convolutions
+        # follow their input's layout).
+        fmt = torch.channels_last if cfg.channels_last and cfg.dist.kind != "fsdp" else torch.contiguous_format
         for module in [self.model] + ([self.ema.module] if self.ema else []):
             module.to(self.dist.device, memory_format=fmt)
-        self.train_model = self.maybe_compile(self.parallelize(self.model))
+        self.dtype = amp_dtype(cfg.amp, self.dist.device)
+        self.model, self.wrapped = parallelize(self.model, self.ema.module if self.ema else None, cfg.dist,
+                                               self.dist, self.dtype)
+        self.train_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -106,9 +117,10 @@ class Trainer:
                                 f"{len(self.train_loader) * cfg.micro_batch_size}; lower batch_size")
         self.total_epochs = cfg.epochs + cfg.sched.cooldown_epochs
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, cfg.epochs, self.steps_per_epoch)
-        self.dtype = amp_dtype(cfg.amp, self.dist.device)
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.dtype == torch.float16)
         self.criterion = self.build_criterion()
+        self.checkpoints = ckpt.RunCheckpoints(self.run_dir, self.model, self.ema, self.optimizer, self.dist.is_main,
+                                               sharded=is_sharded(self.model))
         self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg.logger, self.dist.is_main,
                                     OmegaConf.to_container(cfg, resolve=True), run_id=self.state.wandb_id,
@@ -141,18 +153,6 @@ class Trainer:
                                                      batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
                                                      **{**view, **common})
 
-    def parallelize(self, model):
-        if not self.dist.distributed:
-            return model
-        if self.cfg.dist.sync_bn:
-            model = convert_sync_batchnorm(model, self.dist.device)
-            self.model = model
-        ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-    def maybe_compile(self, model):
-        return torch.compile(model) if self.cfg.compile else model
-
     def build_criterion(self):
         aug = self.cfg.aug
         if aug.mixup > 0 or aug.cutmix > 0:
@@ -165,46 +165,52 @@ class Trainer:
         return torch.autocast(self.dist.device.type, dtype=self.dtype)
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "state": asdict(self.state), "data_seed": self.cfg.seed,
+    def meta_state(self) -> dict:
+        """Everything but model, EMA and optimizer (those are written by RunCheckpoints)."""
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "state": asdict(self.state), "data_seed": self.cfg.seed,
                 "rng": gather_objects(ckpt.rng_state(), self.dist), "world_size": self.dist.world_size,
+                "bn_stats": gather_objects(self.bn_stats(), self.dist) if self.dist.distributed else None,
                 "config": OmegaConf.to_yaml(self.cfg, resolve=True)}
 
+    def bn_stats(self, load: dict | None = None) -> dict:
+        """This rank's BatchNorm running statistics (model and EMA), or restore them from ``load``.
+
+        Without SyncBN each rank's statistics drift apart between the reductions before validation; a checkpoint
+        holding only rank 0's copy (DDP, and FSDP2's replicated buffers) would make resuming inexact."""
+        modules = {"model": self.model, **({"ema": self.ema.module} if self.ema else {})}
+        if load is not None:
+            with torch.no_grad():
+                for key, module in modules.items():
+                    for name, buf in module.named_buffers():
+                        if name in load[key]:
+                            buf.copy_(load[key][name])
+        return {key: {n: b.detach().cpu().clone() for n, b in m.named_buffers() if ".running_" in n}
+                for key, m in modules.items()}
+
     def save(self, best: bool = False, tag: str | None = None):
-        state = self.state_dict()  # collective (RNG gather): every rank takes part
-        if not self.dist.is_main:
-            return
-        d = self.run_dir / "checkpoints"
-        ckpt.atomic_save(state, d / "last.pth.tar")
-        if tag:
-            ckpt.atomic_copy(d / "last.pth.tar", d / f"{tag}.pth.tar")
-        if self.ema:
-            ckpt.atomic_save(self.ema.state_dict(), d / "ema_last.pth")
-        if best:
-            ckpt.atomic_copy(d / "last.pth.tar", d / "best.pth.tar")
-            if self.ema:
-                ckpt.atomic_copy(d / "ema_last.pth", d / "ema_best.pth")
+        # Collective (RNG gather, sharded writes): every rank takes part.
+        self.checkpoints.save(self.meta_state(), best=best, tag=tag)
 
     def resume(self):
         mode = str(self.cfg.resume)
         path = None if mode == "never" else (ckpt.latest(self.run_dir) if mode == "auto" else Path(mode))
         if path is None:
             return
-        if not path.is_file():
+        if not path.exists():
             raise TrainingError(f"resume={mode}: no checkpoint at {path}")
-        state = ckpt.load(path)
-        self.model.load_state_dict(state["model"])
-        if self.ema and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            state = self.checkpoints.load(path)
+        except ckpt.CheckpointMismatch as e:
+            raise TrainingError(str(e)) from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["state"])
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             ckpt.set_rng_state(rngs[self.dist.rank])
+            if state.get("bn_stats"):
+                self.bn_stats(state["bn_stats"][self.dist.rank])
         if self.dist.is_main:
             print(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step}/{self.steps_per_epoch}, "
                   f"global step {self.state.global_step}", flush=True)
@@ -223,8 +229,7 @@ class Trainer:
             images, labels = next(batches)
             self.data_wait += time.perf_counter() - t0
             x, y = self.train_aug(images, labels)
-            sync = self.train_model.no_sync() if (self.dist.distributed and i < self.accum - 1) else contextlib.nullcontext()
-            with sync:
+            with grad_sync(self.wrapped, i == self.accum - 1):
                 with self.autocast():
                     logits = self.train_model(x)
                     loss = self.criterion(logits, y)
@@ -238,14 +243,13 @@ class Trainer:
         if not finite:
             return self.non_finite(torch.stack(losses))
         self.scaler.unscale_(self.optimizer)
-        max_norm = cfg.clip_grad if cfg.clip_grad else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
             self.ema.update(self.model)
-        return {"loss": torch.stack(losses).mean().item(), "grad_norm": float(grad_norm)}
+        return {"loss": torch.stack(losses).mean().item(), "grad_norm": grad_norm}
 
     def non_finite(self, losses) -> dict:
         st = self.state

@@ -25,6 +25,10 @@ class CheckpointError(RuntimeError):
 def read_checkpoint(path: str | os.PathLike) -> Mapping:
     """Read a ``.pth``/``.pth.tar``/``.pt`` or ``.safetensors`` file into a dict, safely."""
     path = Path(path)
+    if (path / ".metadata").is_file():
+        raise CheckpointError(f"{path} is a sharded (FSDP2) checkpoint: use the run's exported checkpoints/ema_last.pth "
+                              f"or convert it: python -m torch.distributed.checkpoint.format_utils dcp_to_torch "
+                              f"{path} full.pt")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":

@@ -1,0 +1,75 @@
+"""How the model is spread over the ranks: not at all, DDP, or FSDP2.
+
+FSDP2 shards every block (and the rest at the root) with ``fully_shard``. The stage-3/4 blocks (Mamba mixer or
+attention, LayerNorm only) gather their parameters in the AMP dtype and reduce gradients in fp32 through a
+MixedPrecisionPolicy; the convolutional stages keep fp32 parameters because BatchNorm's running statistics stay fp32
+and the CUDA kernel refuses low-precision weights next to them (autocast still runs their convolutions in AMP). The
+EMA copy is sharded the same way, so each rank averages only its own shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .distributed import DistInfo, convert_sync_batchnorm
+
+KINDS = ("none", "ddp", "fsdp")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (a plain tensor is its own shard)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def parallelize(model: nn.Module, ema_module: nn.Module | None, cfg, info: DistInfo,
+                param_dtype: torch.dtype | None) -> tuple[nn.Module, nn.Module]:
+    """Returns (the module whose parameters the optimizer updates, the module the training step calls)."""
+    if cfg.kind not in KINDS:
+        raise ValueError(f"dist.kind={cfg.kind!r}: choose {', '.join(KINDS)}")
+    if not info.distributed or cfg.kind == "none":
+        return model, model
+    if cfg.sync_bn:
+        model = convert_sync_batchnorm(model, info.device)
+    if cfg.kind == "ddp":
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return model, nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    shard_like_fsdp(model, param_dtype, cfg.reshard_after_forward)
+    if ema_module is not None:
+        shard_like_fsdp(ema_module, None, cfg.reshard_after_forward)
+    return model, model
+
+
+def shard_like_fsdp(model: nn.Module, param_dtype: torch.dtype | None, reshard_after_forward: bool = True):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from .models.mambavision import Block, ConvBlock
+
+    low = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for module in model.modules():
+        if isinstance(module, Block):
+            fully_shard(module, mp_policy=low, reshard_after_forward=reshard_after_forward)
+        elif isinstance(module, ConvBlock):
+            fully_shard(module, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def grad_sync(wrapped: nn.Module, sync: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of an accumulated step."""
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if sync else wrapped.no_sync()
+    if is_sharded(wrapped):
+        wrapped.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(params, max_norm: float | None) -> float:
+    """Global gradient norm (clipped to max_norm when set); with FSDP2 the norm is a DTensor over the shards."""
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm if max_norm else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

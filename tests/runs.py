@@ -1,0 +1,51 @@
+"""Running train.py / eval.py as a user would, and comparing what they leave behind."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# SGD: its update is proportional to the gradient (Adam's first step is ~lr * sign(g), which turns rounding noise
+# in near-zero gradients into full-size differences); no warmup, so the step is large.
+ONE_STEP = ["experiment=demo", "aug=none", "aug.hflip=0.0", "aug.color_jitter=0.0", "model.drop_path_rate=0.0",
+            "max_steps=1", "progress=false", "logger.mode=disabled", "optim.name=sgd", "optim.lr=0.2",
+            "optim.weight_decay=0.0", "sched.warmup_epochs=0", "ema.decay=0.5"]
+
+
+def run(script, *overrides, env, check=True, timeout=600, prefix=()):
+    """``python script overrides`` (or ``prefix... script overrides``, e.g. torchrun) from the repository root."""
+    cmd = [*(prefix or [sys.executable]), str(ROOT / script), *overrides]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{script} {overrides} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def torchrun(nproc: int, port: int):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+
+
+def final_state(run_dir):
+    """The run's last checkpoint as one dict; a sharded one (FSDP2) is first gathered with torch's converter."""
+    d = Path(run_dir) / "checkpoints"
+    if not (d / "last.dcp").exists():
+        return torch.load(d / "last.pth.tar", weights_only=True)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    full = d.parent / "last_gathered.pt"
+    dcp_to_torch_save(d / "last.dcp", full)
+    return {**torch.load(full, weights_only=True), **torch.load(d / "last.dcp" / "meta.pth", weights_only=True)}
+
+
+def assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")

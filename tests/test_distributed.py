@@ -1,0 +1,67 @@
+"""Several processes on gloo: DDP and FSDP2 equal one process at the global batch; FSDP2 trains, writes sharded
+checkpoints, resumes exactly after SIGKILL and exports EMA weights the plain model loads."""
+
+import pytest
+import timm
+import torch
+
+import mambavision_train  # noqa: F401  (registers the models with timm)
+from runs import ONE_STEP, assert_same_tensors, final_state, run, torchrun
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,port", [("ddp", 29611), ("fsdp", 29612)])
+def test_two_gloo_processes_equal_one_process_at_twice_the_batch(env, tmp_path, kind, port):
+    """2 ranks x batch 16 with SyncBN == 1 process x batch 32 after one step: the same 32 images (rank r reads every
+    2nd sample of the same permutation), crops hashed per sample, gradients averaged, BN statistics over all 32.
+    The EMA (decay 0.5, so the step shows) is compared too: under FSDP2 each rank averages its own shard."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run("train.py", *ONE_STEP, "batch_size=32", "micro_batch_size=32", f"run_dir={one}", env=env)
+    run("train.py", *ONE_STEP, f"dist={kind}", "dist.sync_bn=true", "batch_size=32", "micro_batch_size=16",
+        f"run_dir={two}", env={**env, "OMP_NUM_THREADS": "1"}, prefix=torchrun(2, port))
+    torch.manual_seed(31)  # the trainer's seed: the initial weights of both runs
+    init = timm.create_model("mambavision_demo", drop_path_rate=0.0, num_classes=10).state_dict()
+    a, b = final_state(one), final_state(two)
+    moved = max((a["model"][k] - init[k]).abs().max().item() for k in init if init[k].is_floating_point())
+    assert moved > 1e-2  # the step was not negligible
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k, v in a[part].items():
+            if v.is_floating_point():
+                assert torch.allclose(v, b[part][k], atol=1e-5, rtol=0), (part, k, (v - b[part][k]).abs().max())
+
+
+FSDP = ["experiment=demo", "dist=fsdp", "batch_size=64", "micro_batch_size=16", "max_steps=24", "progress=false",
+        "log_every=4", "logger.mode=disabled", "eval_batch_size=179"]
+
+
+@pytest.mark.slow
+def test_fsdp_trains_saves_resumes_exactly_and_exports(env, tmp_path):
+    """24 steps (2 micro-batches each, gradient sync on the second only) across the end of epoch 0 (22 steps):
+    uninterrupted == killed with SIGKILL after the sharded checkpoint at step 12 and run again. Validation runs with
+    uneven shards (359 images, batches of 179: rank 0 has 2 batches, rank 1 one), which FSDP must not hang on."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    env1 = {**env, "OMP_NUM_THREADS": "1"}
+    run("train.py", *FSDP, f"run_dir={whole}", env=env1, prefix=torchrun(2, 29613))
+    killed = run("train.py", *FSDP, f"run_dir={broken}", "checkpoint.every_n_steps=12", "debug.kill_at_step=12",
+                 env=env1, prefix=torchrun(2, 29614), check=False)
+    assert killed.returncode != 0
+    assert final_state(broken)["state"]["global_step"] == 12
+    resumed = run("train.py", *FSDP, f"run_dir={broken}", "checkpoint.every_n_steps=12", env=env1,
+                  prefix=torchrun(2, 29615))
+    assert "resumed from" in resumed.stdout and "step 12/22" in resumed.stdout
+    assert "val epoch 0" in resumed.stdout
+    a, b = final_state(whole), final_state(broken)
+    assert a["state"]["global_step"] == b["state"]["global_step"] == 24
+    for key in ("model", "ema", "optimizer", "scheduler"):
+        assert_same_tensors(a[key], b[key], key)
+    # The exported EMA weights: a plain state dict that loads (strictly) into the unwrapped model.
+    exported = torch.load(whole / "checkpoints" / "ema_last.pth", weights_only=True)
+    plain = timm.create_model("mambavision_demo", num_classes=10)
+    plain.load_state_dict(exported)
+    # Rank 0 exports: its own BatchNorm statistics (ranks differ between validations without SyncBN).
+    assert_same_tensors(exported, {**a["ema"], **a["bn_stats"][0]["ema"]}, "ema export")
+    assert (whole / "checkpoints" / "best.dcp").is_dir() and (whole / "checkpoints" / "ema_best.pth").is_file()
+    # eval.py names the sharded directory's way out in one line.
+    res = run("eval.py", "model=mambavision_demo", "data=digits", f"checkpoint={whole / 'checkpoints' / 'last.dcp'}",
+              env=env, check=False)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "dcp_to_torch" in res.stderr
