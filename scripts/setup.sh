@@ -8,8 +8,8 @@ PY="$VENV/bin/python"
 STAMP="$VENV/.setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
 [ -f "$STAMP" ] && exit 0
 
-# System libraries that ffcv compiles against.
-apt_pkgs=(pkg-config libturbojpeg0-dev libopencv-dev)
+# System libraries that ffcv compiles against; Slurm and munge for the tests' local cluster (nothing is started).
+apt_pkgs=(pkg-config libturbojpeg0-dev libopencv-dev slurmctld slurmd slurm-client munge)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,12 +1,13 @@
 """Process groups from torchrun's or SLURM's environment, and the DDP wrapper.
 
 torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; under ``srun`` we read SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS and
-take MASTER_ADDR from the first host of the allocation. NCCL on CUDA, gloo on CPU.
+take MASTER_ADDR from the first node of the allocation. NCCL on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -37,14 +38,28 @@ def _env_from_slurm():
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     if "MASTER_ADDR" not in os.environ:
-        nodes = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        try:
-            first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                                   check=True).stdout.split()[0]
-        except (OSError, subprocess.CalledProcessError, IndexError):
-            first = nodes.split(",")[0]
-        os.environ["MASTER_ADDR"] = first
+        os.environ["MASTER_ADDR"] = first_node_address(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
     os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+
+
+def first_node_address(nodelist: str) -> str:
+    """The address of the allocation's first node: its NodeAddr in Slurm (a node name need not resolve)."""
+    def scontrol(*args):
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
+    try:
+        first = scontrol("show", "hostnames", nodelist).split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0]
+    try:
+        return re.search(r"NodeAddr=(\S+)", scontrol("show", "node", "-o", first)).group(1)
+    except (OSError, subprocess.CalledProcessError, AttributeError):
+        return first
+
+
+def env_world_size() -> int:
+    """The number of processes this run was started as (torchrun's or srun's environment), before any init."""
+    _env_from_slurm()
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

@@ -14,6 +14,7 @@ from ..data import Shard, build_loader, from_config, DataConfig
 from ..distributed import init_distributed
 from ..models import PAPER, load_pretrained, read_checkpoint
 from ..models.pretrained import resolve_source
+from ..preemption import requeue_on_timeout_signal
 from .evaluate import evaluate, variant_data_args
 from .trainer import amp_dtype, check_model_name
 
@@ -34,6 +35,7 @@ def load_weights(model, source, weights: str):
 def run_eval(cfg) -> dict:
     check_model_name(cfg.model.name)
     info = init_distributed(cfg.device)
+    requeue_on_timeout_signal(info.is_main)
     data = from_config(DataConfig, cfg.data)
     model = timm.create_model(cfg.model.name, num_classes=data.num_classes,
                               **({"scan_impl": cfg.model.scan_impl} if cfg.model.scan_impl else {}))

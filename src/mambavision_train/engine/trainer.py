@@ -26,10 +26,11 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from ..data import AugConfig, DataConfig, Shard, build_loader, from_config
 from ..data import check as check_data
-from ..distributed import DistInfo, gather_objects, init_distributed, reduce_bn_stats
+from ..distributed import DistInfo, env_world_size, gather_objects, init_distributed, reduce_bn_stats
 from ..metrics import MetricsLogger
 from ..optim import build_optimizer, build_scheduler
 from ..parallel import KINDS, clip_grad_norm, grad_sync, is_sharded, parallelize
+from ..preemption import StopSignals
 from .ema import EMA
 from .evaluate import evaluate, variant_data_args
 from .mesa import mesa_active, mesa_loss
@@ -89,11 +90,15 @@ class Trainer:
         if cfg.dist.kind == "fsdp" and cfg.amp == "fp16":
             raise TrainingError("amp=fp16 with dist=fsdp is not supported (GradScaler does not see other ranks' "
                                 "shards); use amp=bf16")
-        self.accum = micro_batching(cfg.batch_size, cfg.micro_batch_size, int(os.environ.get("WORLD_SIZE", 1)))
+        self.accum = micro_batching(cfg.batch_size, cfg.micro_batch_size, env_world_size())
         self.data_cfg, self.aug_cfg = from_config(DataConfig, cfg.data), from_config(AugConfig, cfg.aug)
         for split in (self.data_cfg.train_split, self.data_cfg.val_split):
             check_data(self.data_cfg, split)
         self.dist: DistInfo = init_distributed(cfg.device)
+        if cfg.dist.kind == "none" and self.dist.distributed:
+            raise TrainingError(f"dist=none with {self.dist.world_size} processes would train {self.dist.world_size} "
+                                f"independent models; use dist=ddp or dist=fsdp")
+        self.stops, self.stopping = StopSignals(self.dist.device, self.dist.is_main), None
         self.run_dir = Path(cfg.run_dir)
         self.state = TrainState()
         self.data_wait = 0.0  # seconds spent waiting for batches since the last log line
@@ -300,7 +305,8 @@ class Trainer:
                     and st.step < self.steps_per_epoch:
                 self.save(tag=f"step_{st.global_step}" if cfg.checkpoint.keep_steps else None)
                 self._debug_kill()
-            if cfg.max_steps and st.global_step >= cfg.max_steps:
+            self.stopping = self.stops.requested()
+            if self.stopping or (cfg.max_steps and st.global_step >= cfg.max_steps):
                 break
         bar.close()
         return time.perf_counter() - t_epoch
@@ -330,7 +336,7 @@ class Trainer:
             steps_before = st.global_step
             epoch_time = self.train_epoch()
             images += (st.global_step - steps_before) * cfg.batch_size
-            if st.step < self.steps_per_epoch:  # stopped by max_steps inside the epoch
+            if st.step < self.steps_per_epoch:  # stopped by max_steps or a signal inside the epoch
                 self.save()
                 break
             metrics = self.validate()
@@ -343,6 +349,9 @@ class Trainer:
                 f"{k} {v:.3f}" for k, v in metrics.items()))
             st.epoch, st.step = st.epoch + 1, 0
             self.save(best=best)
+            self.stopping = self.stopping or self.stops.requested()
+            if self.stopping:
+                break
         elapsed = time.perf_counter() - t_start
         summary = {"base_top1": metrics.get("val/top1"), "ema_top1": metrics.get("val_ema/top1"),
                    "best_top1": st.best_top1, "best_epoch": st.best_epoch, "img_per_s": images / max(elapsed, 1e-9),
@@ -352,6 +361,8 @@ class Trainer:
         if self.dist.is_main:
             print(summary_table(summary), flush=True)
         self.logger.close()
+        if self.stopping:
+            raise self.stops.finish(self.stopping)
         return summary
 
 

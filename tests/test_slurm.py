@@ -1,0 +1,155 @@
+"""The slurm/ scripts and the trainer's preemption handling on a real Slurm cluster (tests/slurm_cluster.py):
+an array job over two demo trainings, requeue and real preemption resuming to identical weights, cancellation
+staying cancelled, a Hydra multirun through submitit (one element requeued through submitit), two-node DDP."""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from runs import ONE_STEP, ROOT, assert_same_tensors, final_state, run
+from slurm_cluster import LocalSlurm
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+QUIET = ["progress=false", "logger.mode=disabled", "log_every=1"]
+# The test nodes have 2 CPUs and 2 fake GPUs each: one task with both CPUs per node.
+ONE_TASK = ["--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=2"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalSlurm(Path(tempfile.mkdtemp(prefix="mvslurm-")))  # not pytest's tmp: munged refuses 0700 parents
+    try:
+        yield c.start()
+    finally:
+        pids = c.pids()
+        c.stop()
+        left = [p for p in pids if Path(f"/proc/{p}").exists()]
+        assert not left, f"Slurm/munge processes left running: {left}"
+
+
+@pytest.fixture
+def job_env(cluster, env):
+    """What a user's shell has when submitting: the project's python first on PATH, the cluster's config."""
+    return {**env, **cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def wait_for(path: Path, pattern: str, timeout: float = 180, count: int = 1) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if len(re.findall(pattern, text, re.M)) >= count:
+            return text
+        time.sleep(0.3)
+    raise TimeoutError(f"{pattern!r} x{count} not in {path} after {timeout} s:\n{text[-3000:]}")
+
+
+def test_paper_table_array_job_trains_and_evaluates_two_demo_runs(cluster, job_env, tmp_path):
+    table = tmp_path / "table"
+    jid = cluster.sbatch("--array=0-1", *ONE_TASK, f"--output={tmp_path}/%A_%a.out", ROOT / "slurm/paper_table.sbatch",
+                         "epochs=1", *QUIET,
+                         env={**job_env, "EXPERIMENTS": "demo demo", "TABLE_DIR": str(table),
+                              "EVAL_ARGS": "data=digits model.img_size=32 progress=false"})
+    jobs = cluster.wait(jid, 400)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert [j["JobState"] for j in jobs] == ["COMPLETED"] * 2, logs[-3000:]
+    assert sorted(j["ArrayTaskId"] for j in jobs) == ["0", "1"]
+    assert {j["NodeList"] for j in jobs} == {"n1", "n2"}  # one element per node, side by side
+    rows = [r for r in (table / "table.md").read_text().splitlines() if r.startswith("| mambavision_demo |")]
+    assert len(rows) == 2
+    for i in range(2):
+        summary = final_state(table / f"{i}-demo")
+        assert summary["state"]["epoch"] == 1 and summary["state"]["best_top1"] > 10.0
+        assert f"{i}-demo/checkpoints/ema_best.pth" in "".join(rows)
+
+
+def test_requeue_and_preemption_resume_to_identical_weights(cluster, job_env, tmp_path):
+    """scontrol requeue (SIGTERM: checkpoint, Slurm requeues) then a real preemption by the urgent partition (USR1
+    through preempt_send_user_signal: checkpoint, the run requeues itself); the run ends where an uninterrupted one
+    does, bit for bit. Meanwhile on the other node a cancelled run checkpoints and stays cancelled."""
+    train = ["experiment=demo", "max_steps=50", *QUIET]
+    out, cancelled_out = tmp_path / "slurm.out", tmp_path / "cancelled.out"
+    jid = cluster.sbatch("-w", "n1", *ONE_TASK, f"--output={out}", ROOT / "slurm/train.sbatch", *train,
+                         f"run_dir={tmp_path / 'slurm'}", env=job_env)
+    cid = cluster.sbatch("-w", "n2", *ONE_TASK, f"--output={cancelled_out}", ROOT / "slurm/train.sbatch", *train,
+                         f"run_dir={tmp_path / 'cancelled'}", env=job_env)
+    wait_for(out, r"^train epoch 0 step 5/")
+    cluster.out(["scontrol", "requeue", jid])
+    wait_for(cancelled_out, r"^train epoch 0 step 3/")
+    cluster.out(["scancel", cid])
+    # Preempt only once the requeued run is training again (its signal handlers are in place).
+    text = wait_for(out, r"resumed from[\s\S]*^train epoch")
+    urgent = cluster.sbatch("-p", "urgent", "-w", "n1", "-c", "2", "--wrap", "sleep 1", env=job_env)
+    [job] = cluster.wait(jid, 300)
+    text = out.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "2", text[-3000:]
+    assert cluster.jobs(urgent)[0]["JobState"] == "COMPLETED"
+    assert "stopped by SIGTERM after checkpointing (not requeued)" in text
+    assert re.search(rf"stopped by SIGUSR1 after checkpointing \(requeued job {jid}\)", text), text[-3000:]
+    assert text.count("resumed from") == 2
+
+    [c] = cluster.wait(cid, 60)
+    time.sleep(3)
+    [c] = cluster.jobs(cid)
+    ctext = cancelled_out.read_text()
+    assert c["JobState"] == "CANCELLED" and c["Restarts"] == "0", ctext[-2000:]
+    assert "stopped by SIGTERM after checkpointing (not requeued)" in ctext
+    assert final_state(tmp_path / "cancelled")["state"]["global_step"] >= 3
+
+    run("train.py", *train, f"run_dir={tmp_path / 'whole'}", env=job_env)
+    a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "slurm")
+    assert a["state"]["global_step"] == b["state"]["global_step"] == 50
+    for key in ("model", "ema", "optimizer", "scheduler"):
+        assert_same_tensors(a[key], b[key], key)
+
+
+def test_hydra_multirun_through_submitit_is_an_array_and_resumes_after_requeue(cluster, job_env, tmp_path):
+    """python train.py -m hydra/launcher=slurm ...: two elements; element 0 gets submitit's USR2 mid-run (what it
+    gets before the time limit): the trainer checkpoints, submitit requeues it, it resumes; both finish."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm", "experiment=demo", "run_name=a,b",
+           f"run_dir={tmp_path}/" + "${run_name}", "max_steps=30", *QUIET, "hydra.launcher.partition=debug",
+           "hydra.launcher.gpus_per_node=1", "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=2",
+           f"hydra.sweep.dir={sweep}"]
+    parent = subprocess.Popen(cmd, cwd=ROOT, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not list(sweep.glob(".submitit/*_0/*_0_0_log.out")) and time.time() < deadline:
+            time.sleep(0.3)
+        log0 = next(sweep.glob(".submitit/*_0/*_0_0_log.out"))
+        wait_for(log0, r"^train epoch 0 step 5/")
+        cluster.out(["scancel", "--signal=USR2", log0.parent.name])
+        output, _ = parent.communicate(timeout=300)
+    finally:
+        parent.kill()
+    assert parent.returncode == 0, output[-3000:]
+    text = log0.read_text()
+    assert "Requeued job" in text and "resumed from" in text, text[-3000:]
+    submission = next(sweep.glob(".submitit/*/*_submission.sh")).read_text()
+    assert "#SBATCH --array=0-1" in submission and "#SBATCH --requeue" in submission
+    for name in ("a", "b"):
+        assert final_state(tmp_path / name)["state"]["global_step"] == 30
+
+
+def test_two_node_ddp_equals_one_process_at_twice_the_batch(cluster, job_env, tmp_path):
+    """train_multinode.sbatch over the two emulated nodes (srun -N2, gloo, MASTER_ADDR from the first node's
+    NodeAddr), one SGD step with SyncBN, equals one process at the global batch."""
+    one_step = [*ONE_STEP, "dist.sync_bn=true", "batch_size=32"]
+    out = tmp_path / "slurm.out"
+    jid = cluster.sbatch("--nodes=2", *ONE_TASK, f"--output={out}", ROOT / "slurm/train_multinode.sbatch",
+                         *one_step, "micro_batch_size=16", f"run_dir={tmp_path / 'two'}", env=job_env)
+    [job] = cluster.wait(jid, 240)
+    assert job["JobState"] == "COMPLETED" and job["NodeList"] == "n[1-2]", out.read_text()[-3000:]
+    run("train.py", *one_step, "micro_batch_size=32", f"run_dir={tmp_path / 'one'}", env=job_env)
+    a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert b["world_size"] == 2
+    for k, v in a["model"].items():
+        if v.is_floating_point():
+            assert torch.allclose(v, b["model"][k], atol=1e-5, rtol=0), (k, (v - b["model"][k]).abs().max())
