@@ -59,6 +59,8 @@ class LocalSlurm:
         return self
 
     def _write_conf(self):
+        # KillWait: 30 s between SIGTERM and SIGKILL (Slurm's default), time enough for the
+        # step in progress and a checkpoint on a loaded 2-core machine; a job that exits sooner is not delayed.
         r, host = self.root, socket.gethostname().split(".")[0]
         gres = []
         nodes = []
@@ -80,7 +82,7 @@ class LocalSlurm:
             f"SlurmdPidFile={r}/run/slurmd-%n.pid", f"SlurmctldLogFile={r}/log/slurmctld.log",
             f"SlurmdLogFile={r}/log/slurmd-%n.log", "MailProg=/bin/true", "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none", "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core", "ReturnToService=2", "MpiDefault=none", "JobRequeue=1", "KillWait=5",
+            "SelectTypeParameters=CR_Core", "ReturnToService=2", "MpiDefault=none", "JobRequeue=1", "KillWait=30",
             "MinJobAge=3600", "SchedulerParameters=sched_interval=2,bf_interval=2", "GresTypes=gpu",
             "PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE", "SlurmctldParameters=preempt_send_user_signal",
             *nodes,
