@@ -16,7 +16,7 @@ from torch import nn
 
 from .distributed import DistInfo, convert_sync_batchnorm
 
-KINDS = ("none", "ddp", "fsdp")
+KINDS = ("none", "ddp", "fsdp")  # checked up front by the Trainer, before anything is built
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -27,8 +27,6 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def parallelize(model: nn.Module, ema_module: nn.Module | None, cfg, info: DistInfo,
                 param_dtype: torch.dtype | None) -> tuple[nn.Module, nn.Module]:
     """Returns (the module whose parameters the optimizer updates, the module the training step calls)."""
-    if cfg.kind not in KINDS:
-        raise ValueError(f"dist.kind={cfg.kind!r}: choose {', '.join(KINDS)}")
     if not info.distributed or cfg.kind == "none":
         return model, model
     if cfg.sync_bn:
