@@ -39,13 +39,29 @@ def final_state(run_dir):
     return {**torch.load(full, weights_only=True), **torch.load(d / "last.dcp" / "meta.pth", weights_only=True)}
 
 
-def assert_same_tensors(a, b, where=""):
+def assert_same(a, b, where=""):
+    """Everything equal: tensors bit for bit (dtype and shape too), mappings with the same keys, sequences of the
+    same length, and numbers, strings, None and the rest by ==."""
+    if isinstance(a, dict):  # an OrderedDict state dict equals a plain dict with the same items
+        assert isinstance(b, dict), f"{where}: {type(b).__name__} is not a mapping"
+    else:
+        assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
     if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
     elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(set(a) ^ set(b))} differ"
         for k in a:
-            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+            assert_same(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
         for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{where}[{i}]")
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_run(a: dict, b: dict):
+    """Two final checkpoints of the same run, one of them interrupted and resumed: everything but what names the
+    run (its directory, inside the config, and the W&B id) is equal."""
+    drop = lambda c: {**c, "config": None, "state": {**c["state"], "wandb_id": None}}
+    assert_same(drop(a), drop(b), "checkpoint")

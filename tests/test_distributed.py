@@ -6,7 +6,7 @@ import timm
 import torch
 
 import mambavision_train  # noqa: F401  (registers the models with timm)
-from runs import ONE_STEP, assert_same_tensors, final_state, run, torchrun
+from runs import ONE_STEP, assert_same, assert_same_run, final_state, run, torchrun
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,port", [("ddp", 29611), ("fsdp", 29612)])
@@ -52,16 +52,58 @@ def test_fsdp_trains_saves_resumes_exactly_and_exports(env, tmp_path):
     assert "val epoch 0" in resumed.stdout
     a, b = final_state(whole), final_state(broken)
     assert a["state"]["global_step"] == b["state"]["global_step"] == 24
-    for key in ("model", "ema", "optimizer", "scheduler"):
-        assert_same_tensors(a[key], b[key], key)
+    assert_same_run(a, b)
     # The exported EMA weights: a plain state dict that loads (strictly) into the unwrapped model.
     exported = torch.load(whole / "checkpoints" / "ema_last.pth", weights_only=True)
     plain = timm.create_model("mambavision_demo", num_classes=10)
     plain.load_state_dict(exported)
     # Rank 0 exports: its own BatchNorm statistics (ranks differ between validations without SyncBN).
-    assert_same_tensors(exported, {**a["ema"], **a["bn_stats"][0]["ema"]}, "ema export")
+    assert_same(exported, {**a["ema"], **a["bn_stats"][0]["ema"]}, "ema export")
     assert (whole / "checkpoints" / "best.dcp").is_dir() and (whole / "checkpoints" / "ema_best.pth").is_file()
     # eval.py names the sharded directory's way out in one line.
     res = run("eval.py", "model=mambavision_demo", "data=digits", f"checkpoint={whole / 'checkpoints' / 'last.dcp'}",
               env=env, check=False)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "dcp_to_torch" in res.stderr
+
+
+@pytest.mark.slow
+def test_each_rank_draws_its_own_augmentation_and_drop_path_from_identical_weights(env, tmp_path):
+    """2 gloo ranks, the paper augmentation: the same initial weights on both, then (seed + rank, as the official
+    code) a Mixup/CutMix lambda and DropPath masks of their own in the same step."""
+    import json
+    import sys
+    from runs import ROOT
+    out = tmp_path / "draws"
+    run(str(ROOT / "tests" / "rank_draws.py"), str(out), "experiment=demo", "aug=paper", "aug.hflip=0.0",
+        "model.drop_path_rate=0.5", "batch_size=64", "micro_batch_size=32", "logger.mode=disabled",
+        f"run_dir={tmp_path / 'run'}", env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")},
+        prefix=torchrun(2, 29616))
+    r0, r1 = (json.loads(out.with_suffix(f".{r}.json").read_text()) for r in (0, 1))
+    assert r0["init"] == r1["init"]
+    assert len(r0["lams"]) == len(r1["lams"]) == 1 and r0["lams"] != r1["lams"]
+    assert len(r0["masks"]) == len(r1["masks"]) > 0 and r0["masks"] != r1["masks"]
+    assert any(any(m) for m in r0["masks"]) and any(any(m) for m in r1["masks"])  # something was dropped
+
+
+PAPER_2RANKS = ["experiment=demo", "aug=paper", "aug.hflip=0.0", "model.drop_path_rate=0.3", "mesa.weight=1.0",
+                "mesa.start_ratio=0.0", "batch_size=64", "micro_batch_size=32", "eval_batch_size=180", "max_steps=26",
+                "checkpoint.every_n_steps=3", "progress=false", "log_every=1", "logger.mode=disabled"]
+
+
+@pytest.mark.slow
+def test_two_ranks_with_real_randomness_resume_exactly_after_sigkill(env, tmp_path):
+    """2 gloo ranks, paper augmentation, drop path, MESA: killed with SIGKILL mid-epoch in epoch 1 (after a
+    validation), then resumed: the whole final checkpoint (weights, EMA, optimizer with its param groups, schedule,
+    every rank's RNG and BN statistics, counters) equals an uninterrupted run's."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    env1 = {**env, "OMP_NUM_THREADS": "1"}
+    run("train.py", *PAPER_2RANKS, f"run_dir={whole}", env=env1, prefix=torchrun(2, 29617))
+    killed = run("train.py", *PAPER_2RANKS, f"run_dir={broken}", "debug.kill_at_step=24", env=env1,
+                 prefix=torchrun(2, 29618), check=False)
+    assert killed.returncode != 0 and "val epoch 0" in killed.stdout
+    assert final_state(broken)["state"]["global_step"] == 24 and final_state(broken)["state"]["epoch"] == 1
+    resumed = run("train.py", *PAPER_2RANKS, f"run_dir={broken}", env=env1, prefix=torchrun(2, 29619))
+    assert "resumed from" in resumed.stdout and "global step 24" in resumed.stdout
+    a, b = final_state(whole), final_state(broken)
+    assert a["state"]["global_step"] == 26 and a["world_size"] == 2
+    assert_same_run(a, b)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import ONE_STEP, ROOT, assert_same_tensors, final_state, run, torchrun
+from runs import ONE_STEP, ROOT, assert_same, assert_same_run, final_state, run, torchrun
 from slurm_cluster import LocalSlurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -123,8 +123,7 @@ def test_requeue_and_preemption_resume_to_identical_weights(cluster, job_env, tm
     run("train.py", *train, f"run_dir={tmp_path / 'whole'}", env=job_env)
     a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "slurm")
     assert a["state"]["global_step"] == b["state"]["global_step"] == 50
-    for key in ("model", "ema", "optimizer", "scheduler"):
-        assert_same_tensors(a[key], b[key], key)
+    assert_same_run(a, b)
 
 
 def test_hydra_multirun_through_submitit_is_an_array_and_resumes_after_requeue(cluster, job_env, tmp_path):
@@ -170,5 +169,4 @@ def test_two_node_ddp_survives_a_requeue_bit_exactly(cluster, job_env, tmp_path)
     run("train.py", *steps, f"run_dir={tmp_path / 'torchrun'}", env=job_env, prefix=torchrun(2, 29631))
     a, b = final_state(tmp_path / "torchrun"), final_state(tmp_path / "two_nodes")
     assert a["world_size"] == b["world_size"] == 2 and a["state"]["global_step"] == b["state"]["global_step"] == 4
-    for key in ("model", "ema", "optimizer", "scheduler"):
-        assert_same_tensors(a[key], b[key], key)
+    assert_same_run(a, b)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from runs import ONE_STEP, ROOT, assert_same_tensors, final_state, run
+from runs import ONE_STEP, ROOT, assert_same, assert_same_run, final_state, run
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
@@ -85,8 +85,7 @@ def test_resume_after_sigkill_is_exact(env, tmp_path, extra):
     assert "resumed from" in resumed.stdout and "step 4/" in resumed.stdout
     a, b = final_state(whole), final_state(broken)
     assert a["state"]["global_step"] == b["state"]["global_step"] == 7
-    for key in ("model", "ema", "optimizer", "scheduler"):
-        assert_same_tensors(a[key], b[key], key)
+    assert_same_run(a, b)
 
 
 def read_wandb_log(path):

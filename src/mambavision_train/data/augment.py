@@ -1,8 +1,13 @@
 """The part of the augmentation that runs on the model's device, batch at a time, after the loader.
 
-uint8 (B, 3, H, W) from any loader -> float, channels_last -> [RandAugment] -> [colour jitter] -> normalise ->
-[random erasing] -> [Mixup / CutMix with label smoothing]. Random erasing and Mixup/CutMix are timm's own classes;
-RandAugment is ``randaugment.py`` (timm's ops on tensors, per sample).
+uint8 (B, 3, H, W) from any loader -> float, channels_last -> [RandAugment] -> [colour jitter] -> [Mixup / CutMix
+with label smoothing] -> normalise -> [random erasing]. That is the official pipeline's order (timm's prefetcher with
+FastCollateMixup): per-sample augmentation, then the batch is mixed, then normalised and erased on the GPU, so an
+erased box is noise in the mixed image, not a box of one image blended into another. Random erasing and
+Mixup/CutMix are timm's own classes; RandAugment is ``randaugment.py`` (timm's ops on tensors, per sample).
+
+One difference from FastCollateMixup: it mixes uint8 images and rounds the result to integers; we mix floats
+(at most half a grey level apart, before normalisation).
 """
 
 from __future__ import annotations
@@ -66,13 +71,13 @@ class DeviceAugment:
             x = randaugment.rand_augment(x, **self.ra)
         if self.jitter:
             x = color_jitter(x, self.jitter)
-        x = (x - self.mean) / self.std
-        if self.erase is not None:
-            x = self.erase(x)
         if self.mixup is not None:
             if x.shape[0] % 2:
                 raise ValueError(f"Mixup/CutMix needs an even batch size per device, got {x.shape[0]}")
             x, y = self.mixup(x, y)
+        x = (x - self.mean) / self.std
+        if self.erase is not None:
+            x = self.erase(x)
         return x.contiguous(memory_format=torch.channels_last), y
 
 

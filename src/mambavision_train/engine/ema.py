@@ -1,8 +1,13 @@
 """Exponential moving average of the weights, the model the official recipe validates and selects by.
 
-Unlike timm's ModelEmaV3 it never deep-copies a wrapped model: the EMA copy is made from the plain module before
-any DDP/FSDP wrapping, and updated with foreach ops over matching parameter lists, which also works on FSDP2's
-sharded DTensors (each rank averages its own shard).
+The arithmetic is timm's ``ModelEmaV2`` (what the official train.py uses): every state-dict entry becomes
+``decay * ema + (1 - decay) * model``. That includes BatchNorm's running mean and variance (averaged, not copied)
+and, as in ModelEmaV2, integer buffers such as ``num_batches_tracked``, whose float result is truncated back into
+the integer tensor.
+
+Unlike timm's classes it never deep-copies a wrapped model: the EMA copy is made from the plain module before any
+DDP/FSDP wrapping, and entries are matched by name, which also works on FSDP2's sharded DTensors (each rank averages
+its own shard; buffers are replicated and averaged per rank).
 """
 
 from __future__ import annotations
@@ -19,22 +24,23 @@ class EMA:
         self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def _pairs(self, model):
-        own = dict(self.module.named_parameters())
-        params = [(own[n], p.detach()) for n, p in model.named_parameters()]
-        own_buffers = dict(self.module.named_buffers())
-        buffers = [(own_buffers[n], b) for n, b in model.named_buffers()]
-        return params, buffers
+    def _entries(self, module):
+        return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module):
-        """ema = decay * ema + (1 - decay) * weights; buffers (BN statistics) are copied, as timm does."""
-        params, buffers = self._pairs(model)
-        float_pairs = [(local(e), local(p)) for e, p in params if e.is_floating_point()]
-        if float_pairs:
-            torch._foreach_lerp_([e for e, _ in float_pairs], [p.to(e.dtype) for e, p in float_pairs], 1.0 - self.decay)
-        for e, b in buffers:
-            e.copy_(b)
+        own = self._entries(self.module)
+        floats, others = [], []
+        for name, value in self._entries(model).items():
+            ema, value = local(own[name]), local(value.detach())
+            (floats if ema.is_floating_point() else others).append((ema, value))
+        if floats:  # decay * e + (1 - decay) * m with ModelEmaV2's three roundings, so the result is bit-identical
+            ema = [e for e, _ in floats]
+            scaled = torch._foreach_mul([v.to(e.dtype) for e, v in floats], 1.0 - self.decay)
+            torch._foreach_mul_(ema, self.decay)
+            torch._foreach_add_(ema, scaled)
+        for ema, value in others:  # ModelEmaV2's expression: float arithmetic, truncated by copy_
+            ema.copy_(self.decay * ema + (1.0 - self.decay) * value)
 
     def state_dict(self):
         return self.module.state_dict()

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..data import Shard, build_loader, from_config, DataConfig
 from ..distributed import init_distributed
-from ..models import PAPER, load_pretrained, read_checkpoint
+from ..models import is_in21k, load_pretrained, paper_row, read_checkpoint
 from ..models.pretrained import resolve_source
 from ..preemption import requeue_on_timeout_signal
 from .evaluate import evaluate, variant_data_args
@@ -49,8 +49,10 @@ def run_eval(cfg) -> dict:
     autocast = (lambda: torch.autocast(info.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     progress = (lambda it: tqdm(it, desc=f"eval {cfg.model.name}", unit="batch", disable=not (info.is_main and cfg.progress)))
     out = evaluate(model, loader, aug, autocast, progress)
-    paper = PAPER.get(cfg.model.name, {}).get("top1") if data.num_classes == 1000 else None
-    out.update(model=cfg.model.name, weights=f"{cfg.checkpoint or pcfg['hf_hub_id']} ({kind})", paper_top1=paper,
+    source = str(cfg.checkpoint or pcfg["hf_hub_id"])
+    row = paper_row(cfg.model.name, is_in21k(cfg.model.name, source, cfg.pretrain)) if data.num_classes == 1000 else None
+    paper = row["top1"] if row else None
+    out.update(model=cfg.model.name, weights=f"{source} ({kind})", paper_top1=paper,
                difference=None if paper is None else out["top1"] - paper)
     if info.is_main:
         diff = "" if paper is None else f" paper {paper:.2f} difference {out['difference']:+.2f}"

@@ -24,6 +24,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
+from .. import recipe
 from ..data import AugConfig, DataConfig, Shard, build_loader, from_config
 from ..data import check as check_data
 from ..distributed import DistInfo, env_world_size, gather_objects, init_distributed, reduce_bn_stats
@@ -67,6 +68,7 @@ def micro_batching(batch_size: int, micro_batch_size: int, world: int) -> int:
 
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+AMP_NAMES = {v: k for k, v in AMP.items()}
 
 
 def amp_dtype(amp: str, device: torch.device):
@@ -100,10 +102,18 @@ class Trainer:
                                 f"independent models; use dist=ddp or dist=fsdp")
         self.stops, self.stopping = StopSignals(self.dist.device, self.dist.is_main), None
         self.run_dir = Path(cfg.run_dir)
+        self.dtype = amp_dtype(cfg.amp, self.dist.device)
+        if self.dist.is_main:
+            recipe.announce(cfg, self.run_dir, world_size=self.dist.world_size, accumulation=self.accum,
+                            amp=AMP_NAMES[self.dtype], device=str(self.dist.device))
         self.state = TrainState()
         self.data_wait = 0.0  # seconds spent waiting for batches since the last log line
-        self._seed(cfg.seed)
+        self._seed(cfg.seed)  # the same initial weights on every rank
         self.model = self.build_model()
+        # Then every rank draws its own augmentation and DropPath (timm's random_seed(seed, rank), as the official
+        # code): one Mixup lambda per rank, not one for the whole global batch. The data order does not depend on
+        # these generators: it is a function of (seed, epoch) alone (data/order.py).
+        self._seed(cfg.seed + self.dist.rank)
         self.build_data()
         self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None
         # FSDP2 shards only contiguous parameters: there channels_last stays on the activations (the convolutions
@@ -111,7 +121,6 @@ class Trainer:
         fmt = torch.channels_last if cfg.channels_last and cfg.dist.kind != "fsdp" else torch.contiguous_format
         for module in [self.model] + ([self.ema.module] if self.ema else []):
             module.to(self.dist.device, memory_format=fmt)
-        self.dtype = amp_dtype(cfg.amp, self.dist.device)
         self.model, self.wrapped = parallelize(self.model, self.ema.module if self.ema else None, cfg.dist,
                                                self.dist, self.dtype)
         self.train_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped

@@ -1,8 +1,8 @@
 """The MambaVision family, registered with timm (``timm.create_model("mambavision_t")``)."""
 from .flops import count_flops
 from .mambavision import MambaVision, MambaVisionMixer, default_cfgs
-from .paper import PAPER
+from .paper import PAPER, is_in21k, paper_row
 from .pretrained import CheckpointError, load_pretrained, read_checkpoint
 
 __all__ = ["MambaVision", "MambaVisionMixer", "default_cfgs", "load_pretrained", "read_checkpoint",
-           "CheckpointError", "count_flops", "PAPER"]
+           "CheckpointError", "count_flops", "PAPER", "is_in21k", "paper_row"]
