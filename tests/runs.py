@@ -1,5 +1,6 @@
 """Running train.py / eval.py as a user would, and comparing what they leave behind."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ONE_STEP = ["experiment=demo", "aug=none", "aug.hflip=0.0", "aug.color_jitter=0.0", "model.drop_path_rate=0.0",
             "max_steps=1", "progress=false", "logger.mode=disabled", "optim.name=sgd", "optim.lr=0.2",
             "optim.weight_decay=0.0", "sched.warmup_epochs=0", "ema.decay=0.5"]
+
+
+def faults(env: dict, **faults) -> dict:
+    """``env`` with test-side fault injection (tests/faults/sitecustomize.py): faults(env, KILL_AT_STEP=4) sets
+    MV_FAULT_KILL_AT_STEP=4 and puts the injector on PYTHONPATH."""
+    path = os.pathsep.join(p for p in (str(ROOT / "tests" / "faults"), env.get("PYTHONPATH")) if p)
+    return {**env, "PYTHONPATH": path, **{f"MV_FAULT_{k}": str(v) for k, v in faults.items()}}
 
 
 def run(script, *overrides, env, check=True, timeout=600, prefix=()):

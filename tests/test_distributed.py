@@ -6,7 +6,7 @@ import timm
 import torch
 
 import mambavision_train  # noqa: F401  (registers the models with timm)
-from runs import ONE_STEP, assert_same, assert_same_run, final_state, run, torchrun
+from runs import ONE_STEP, faults, assert_same, assert_same_run, final_state, run, torchrun
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,port", [("ddp", 29611), ("fsdp", 29612)])
@@ -31,23 +31,27 @@ def test_two_gloo_processes_equal_one_process_at_twice_the_batch(env, tmp_path, 
 
 
 FSDP = ["experiment=demo", "dist=fsdp", "batch_size=64", "micro_batch_size=16", "max_steps=24", "progress=false",
-        "log_every=4", "logger.mode=disabled", "eval_batch_size=179"]
+        "log_every=4", "logger.mode=disabled", "eval_batch_size=179",
+        # the paper's recipe under FSDP2: Lamb (global norms over sharded DTensors), MESA from the start, bf16
+        "optim=lamb", "mesa.weight=1.0", "mesa.start_ratio=0.0", "amp=bf16"]
 
 
 @pytest.mark.slow
-def test_fsdp_trains_saves_resumes_exactly_and_exports(env, tmp_path):
+@pytest.mark.parametrize("reshard,ports", [("true", (29613, 29614, 29615)), ("false", (29620, 29621, 29622))])
+def test_fsdp_trains_saves_resumes_exactly_and_exports(env, tmp_path, reshard, ports):
     """24 steps (2 micro-batches each, gradient sync on the second only) across the end of epoch 0 (22 steps):
     uninterrupted == killed with SIGKILL after the sharded checkpoint at step 12 and run again. Validation runs with
     uneven shards (359 images, batches of 179: rank 0 has 2 batches, rank 1 one), which FSDP must not hang on."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     env1 = {**env, "OMP_NUM_THREADS": "1"}
-    run("train.py", *FSDP, f"run_dir={whole}", env=env1, prefix=torchrun(2, 29613))
-    killed = run("train.py", *FSDP, f"run_dir={broken}", "checkpoint.every_n_steps=12", "debug.kill_at_step=12",
-                 env=env1, prefix=torchrun(2, 29614), check=False)
+    args = [*FSDP, f"dist.reshard_after_forward={reshard}"]
+    run("train.py", *args, f"run_dir={whole}", env=env1, prefix=torchrun(2, ports[0]))
+    killed = run("train.py", *args, f"run_dir={broken}", "checkpoint.every_n_steps=12",
+                 env=faults(env1, KILL_AT_STEP=12), prefix=torchrun(2, ports[1]), check=False)
     assert killed.returncode != 0
     assert final_state(broken)["state"]["global_step"] == 12
-    resumed = run("train.py", *FSDP, f"run_dir={broken}", "checkpoint.every_n_steps=12", env=env1,
-                  prefix=torchrun(2, 29615))
+    resumed = run("train.py", *args, f"run_dir={broken}", "checkpoint.every_n_steps=12", env=env1,
+                  prefix=torchrun(2, ports[2]))
     assert "resumed from" in resumed.stdout and "step 12/22" in resumed.stdout
     assert "val epoch 0" in resumed.stdout
     a, b = final_state(whole), final_state(broken)
@@ -98,7 +102,7 @@ def test_two_ranks_with_real_randomness_resume_exactly_after_sigkill(env, tmp_pa
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     env1 = {**env, "OMP_NUM_THREADS": "1"}
     run("train.py", *PAPER_2RANKS, f"run_dir={whole}", env=env1, prefix=torchrun(2, 29617))
-    killed = run("train.py", *PAPER_2RANKS, f"run_dir={broken}", "debug.kill_at_step=24", env=env1,
+    killed = run("train.py", *PAPER_2RANKS, f"run_dir={broken}", env=faults(env1, KILL_AT_STEP=24),
                  prefix=torchrun(2, 29618), check=False)
     assert killed.returncode != 0 and "val epoch 0" in killed.stdout
     assert final_state(broken)["state"]["global_step"] == 24 and final_state(broken)["state"]["epoch"] == 1

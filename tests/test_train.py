@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from runs import ONE_STEP, ROOT, assert_same, assert_same_run, final_state, run
+from runs import ONE_STEP, faults, ROOT, assert_same, assert_same_run, final_state, run
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
@@ -78,7 +78,7 @@ def test_resume_after_sigkill_is_exact(env, tmp_path, extra):
     """7 optimizer steps in one go == 4 steps, SIGKILL right after the mid-epoch checkpoint, the same command again."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run("train.py", *SMALL, *extra, f"run_dir={whole}", env=env)
-    killed = run("train.py", *SMALL, *extra, f"run_dir={broken}", "debug.kill_at_step=4", env=env, check=False)
+    killed = run("train.py", *SMALL, *extra, f"run_dir={broken}", env=faults(env, KILL_AT_STEP=4), check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert final_state(broken)["state"]["global_step"] == 4
     resumed = run("train.py", *SMALL, *extra, f"run_dir={broken}", env=env)

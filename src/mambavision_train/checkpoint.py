@@ -2,13 +2,17 @@
 
 A checkpoint holds model, EMA, optimizer, scheduler, grad scaler, epoch, step within the epoch, global step, the RNG
 states of every rank (python, numpy, torch CPU and CUDA), the data-order seed, the W&B run id and step, the best EMA
-top-1 and the resolved config. Every file is written next to its target and renamed into place, so a kill at any
-moment leaves the previous checkpoint intact. Everything in it is a tensor, number, string or container of those:
-it loads with ``torch.load(weights_only=True)``.
+top-1 and the resolved config. Every file is written next to its target, fsynced and renamed into place, and the
+directory is fsynced after the rename, so a kill or a power loss at any moment leaves a complete checkpoint behind.
+The previous ``last`` is kept as ``previous`` (a failed or interrupted write cannot take the only good one with it),
+and ``step_<N>`` copies are bounded by ``keep_last_n``. Everything in a checkpoint is a tensor, number, string or
+container of those: it loads with ``torch.load(weights_only=True)``.
 
 Under FSDP2 the model, EMA and optimizer are saved sharded with torch.distributed.checkpoint (each rank writes its
-shards) into a fresh directory that is renamed into place; ``last.dcp`` / ``best.dcp`` are symlinks swapped
-atomically onto it. The EMA weights are also exported in full (``ema_last.pth``), loadable by the plain model.
+shards) into a fresh directory that is renamed into place; ``last.dcp`` / ``previous.dcp`` / ``best.dcp`` are
+symlinks swapped atomically onto it. The EMA weights are also exported in full (``ema_last.pth``), loadable by the
+plain model. Resuming a sharded checkpoint reads torch.distributed.checkpoint's metadata, which is pickled: resume
+only your own sharded checkpoints (docs/training.md).
 """
 
 from __future__ import annotations
@@ -22,23 +26,54 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import all_reduce_max
 
-def atomic_save(obj, path: str | os.PathLike):
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); the previous one is intact."""
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_save(obj, path: str | os.PathLike, previous: Path | None = None):
+    """Write ``obj`` to ``path`` atomically; with ``previous``, the file it replaces is kept under that name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a half-written file around
+        raise
+    _fsync_dir(path.parent)
 
 
 def atomic_copy(src, dst):
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    tmp = _tmp(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
 
 
 def load(path: str | os.PathLike) -> dict:
@@ -77,34 +112,87 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+def candidates(run_dir: str | os.PathLike) -> list[Path]:
+    """Every checkpoint of the run that could be resumed from, newest first: ``last``, ``previous``, the ``step_<N>``
+    copies and ``best`` (single files), or every complete sharded directory."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    files = [p for p in d.glob("*.pth.tar") if not p.name.startswith(".")]
+    sharded = [p for p in (d / "dcp").glob("*") if p.is_dir() and not p.name.endswith(".tmp")] \
+        if (d / "dcp").is_dir() else []
+    return sorted(files + sharded, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def has_files(run_dir: str | os.PathLike) -> bool:
+    d = Path(run_dir) / "checkpoints"
+    return d.is_dir() and any(d.iterdir())
+
+
+def finite(modules, device) -> bool:
+    """Whether every parameter and floating buffer of ``modules`` is finite, on every rank (collective)."""
+    from .parallel import local
+    bad = any(not bool(torch.isfinite(local(t)).all()) for m in modules
+              for t in [*m.parameters(), *m.buffers()] if t.is_floating_point())
+    return not bool(all_reduce_max(torch.tensor([int(bad)], device=device)).item())
+
+
 class RunCheckpoints:
     """Writes and reads a run's checkpoints: one file (one process, DDP) or a sharded directory (FSDP2).
 
     ``meta`` is the small, rank-0 part (schedule, scaler, counters, RNG states of all ranks, config); the model,
     EMA and optimizer come from the objects themselves."""
 
-    def __init__(self, run_dir, model, ema, optimizer, is_main: bool, sharded: bool):
+    def __init__(self, run_dir, model, ema, optimizer, is_main: bool, sharded: bool, keep_last_n: int = 3,
+                 device="cpu"):
         self.dir = Path(run_dir) / "checkpoints"
         self.model, self.ema, self.optimizer, self.is_main, self.sharded = model, ema, optimizer, is_main, sharded
+        self.keep_last_n, self.device = keep_last_n, device
+        if is_main:
+            self._remove_leftovers()
+
+    def _remove_leftovers(self):
+        """Temporary files and directories of saves that a crash or a full disk interrupted."""
+        if not self.dir.is_dir():
+            return
+        for p in [*self.dir.glob(".*.tmp*"), *self.dir.glob("dcp/*.tmp")]:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
     def save(self, meta: dict, best: bool = False, tag: str | None = None):
-        """Collective: every rank calls it."""
+        """Collective: every rank calls it, and every rank raises CheckpointWriteError if the write failed."""
         names = ["last"] + (["best"] if best else []) + ([tag] if tag else [])
-        (self._save_sharded if self.sharded else self._save_file)(meta, names)
-        ema_full = self._ema_full_state()
-        if self.is_main and ema_full is not None:
-            atomic_save(ema_full, self.dir / "ema_last.pth")
-            if best:
-                atomic_copy(self.dir / "ema_last.pth", self.dir / "ema_best.pth")
+        error = None
+        try:
+            (self._save_sharded if self.sharded else self._save_file)(meta, names)
+            ema_full = self._ema_full_state()  # collective under FSDP2
+            if self.is_main and ema_full is not None:
+                atomic_save(ema_full, self.dir / "ema_last.pth")
+                if best:
+                    atomic_copy(self.dir / "ema_last.pth", self.dir / "ema_best.pth")
+            if self.is_main and tag:
+                self._drop_old_step_copies()
+        except OSError as e:
+            error = e
+        if all_reduce_max(torch.tensor([int(error is not None)], device=self.device)).item():
+            reason = f"{error.strerror or error}" if error is not None else "rank 0 could not write it"
+            raise CheckpointWriteError(f"could not write a checkpoint in {self.dir} ({reason}); the previous one is "
+                                       f"intact: free space (or fix the path) and run the same command again")
 
     def _save_file(self, meta, names):
         if not self.is_main:
             return
         state = {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                  "optimizer": self.optimizer.state_dict(), **meta}
-        atomic_save(state, self.dir / "last.pth.tar")
+        atomic_save(state, self.dir / "last.pth.tar", previous=self.dir / "previous.pth.tar")
         for name in names[1:]:
             atomic_copy(self.dir / "last.pth.tar", self.dir / f"{name}.pth.tar")
+
+    def _drop_old_step_copies(self):
+        steps = sorted(self.dir.glob("step_*.*"), key=lambda p: int(p.name.split(".")[0].split("_")[1]))
+        for p in steps[:max(0, len(steps) - self.keep_last_n)]:
+            p.unlink()
+        if self.sharded:
+            self._prune()
 
     def _sharded_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
@@ -125,6 +213,10 @@ class RunCheckpoints:
         if self.is_main:
             atomic_save(meta, tmp / "meta.pth")
             os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            last = self.dir / "last.dcp"
+            if last.is_symlink() and last.exists():
+                _point(self.dir / "previous.dcp", last.resolve())
             for link in names:
                 _point(self.dir / f"{link}.dcp", final)
             self._prune()
@@ -146,29 +238,32 @@ class RunCheckpoints:
         return get_model_state_dict(self.ema.module, options=StateDictOptions(full_state_dict=True,
                                                                               cpu_offload=True))
 
-    def load(self, path: Path) -> dict:
-        """Restores model, EMA and optimizer in place; returns the meta part."""
+    def read(self, path: Path) -> dict:
+        """The checkpoint's contents without touching the model: everything for a single file, the meta part (config,
+        counters, RNG states) for a sharded directory."""
         if path.is_dir() != self.sharded:
             raise CheckpointMismatch(
                 f"{path} is a {'sharded (FSDP2)' if path.is_dir() else 'single-file'} checkpoint but this run is "
                 f"{'dist=fsdp' if self.sharded else 'not sharded'}; resume it with "
                 f"{'dist=fsdp' if path.is_dir() else 'dist=none or dist=ddp'} or start a new run_dir")
+        return load(path / "meta.pth" if self.sharded else path)
+
+    def restore(self, path: Path, state: dict):
+        """Model, EMA and optimizer from a checkpoint ``read`` returned ``state`` for, in place."""
         if not self.sharded:
-            state = load(path)
             self.model.load_state_dict(state["model"])
             if self.ema and state["ema"] is not None:
                 self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
-            return state
+            return
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-        state = self._sharded_state()
-        dcp.load(state, checkpoint_id=path.resolve())
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+        shards = self._sharded_state()
+        dcp.load(shards, checkpoint_id=path.resolve())
+        set_state_dict(self.model, self.optimizer, model_state_dict=shards["model"],
+                       optim_state_dict=shards["optimizer"])
         if self.ema:
-            set_model_state_dict(self.ema.module, state["ema"])
-        return load(path / "meta.pth")
+            set_model_state_dict(self.ema.module, shards["ema"])
 
 
 class CheckpointMismatch(ValueError):

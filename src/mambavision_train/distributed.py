@@ -88,6 +88,11 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def barrier(device: torch.device):
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     if not info.distributed:
         return [obj]

@@ -36,7 +36,9 @@ def parallelize(model: nn.Module, ema_module: nn.Module | None, cfg, info: DistI
         return model, nn.parallel.DistributedDataParallel(model, device_ids=ids)
     shard_like_fsdp(model, param_dtype, cfg.reshard_after_forward)
     if ema_module is not None:
-        shard_like_fsdp(ema_module, None, cfg.reshard_after_forward)
+        # Always resharded after its forward: the EMA runs no backward that would reshard it (MESA's teacher forward,
+        # validation), and its update needs its shards, not gathered parameters.
+        shard_like_fsdp(ema_module, None, reshard_after_forward=True)
     return model, model
 
 

@@ -24,6 +24,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .distributed import barrier
+
 # Priority when ranks saw different signals: a requeue request wins over a plain stop.
 PRIORITY = {signal.SIGTERM: 1, signal.SIGUSR1: 2, signal.SIGUSR2: 3}
 BY_PRIORITY = {v: k for k, v in PRIORITY.items()}
@@ -64,13 +66,19 @@ class StopSignals:
         return BY_PRIORITY.get(level)
 
     def finish(self, sig: signal.Signals) -> Stopped:
-        """After the checkpoint: requeue if the signal asks for it; returns the exception that ends the run."""
+        """After the checkpoint: requeue if the signal asks for it; returns the exception that ends the run.
+
+        Collective. Rank 0 alone writes a single-file checkpoint and asks for the requeue; a rank that exited before
+        it was done would make srun (--kill-on-bad-exit) kill rank 0 halfway through. So every rank waits at a
+        barrier until rank 0 has written and requeued, and only then do all of them exit."""
         note = "not requeued"
         previous = self.previous.get(sig)
-        if sig != signal.SIGTERM and callable(previous):
-            previous(sig, None)  # submitit's handler: requeues the job and exits the process
-        elif sig != signal.SIGTERM and os.environ.get("SLURM_JOB_ID"):
+        submitit = sig != signal.SIGTERM and callable(previous)
+        if sig != signal.SIGTERM and not submitit and os.environ.get("SLURM_JOB_ID"):
             note = requeue(os.environ["SLURM_JOB_ID"]) if self.is_main else "rank 0 requeues"
+        barrier(self.device)
+        if submitit:
+            previous(sig, None)  # submitit's handler: requeues the job and exits the process
         return Stopped(f"stopped by {sig.name} after checkpointing ({note})", 128 + sig)
 
 

@@ -9,9 +9,8 @@ the official code.
 from __future__ import annotations
 
 import contextlib
-import os
+import math
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ from .. import checkpoint as ckpt
 from .. import recipe
 from ..data import AugConfig, DataConfig, Shard, build_loader, from_config
 from ..data import check as check_data
-from ..distributed import DistInfo, env_world_size, gather_objects, init_distributed, reduce_bn_stats
+from ..distributed import (DistInfo, all_reduce_max, env_world_size, gather_objects, init_distributed,
+                           reduce_bn_stats)
 from ..metrics import MetricsLogger
 from ..optim import build_optimizer, build_scheduler
 from ..parallel import KINDS, clip_grad_norm, grad_sync, is_sharded, parallelize
@@ -50,6 +50,10 @@ class TrainState:
     best_epoch: int = -1
     skipped_steps: int = 0
     wandb_id: str | None = None  # the W&B step is global_step
+
+
+# Settings a run may change when it resumes without resume_allow_changes: they do not change what is trained.
+RESUMABLE_CHANGES = {"micro_batch_size", "amp", "model.crop_pct"}
 
 
 def check_model_name(name: str):
@@ -131,10 +135,13 @@ class Trainer:
                                 f"{len(self.train_loader) * cfg.micro_batch_size}; lower batch_size")
         self.total_epochs = cfg.epochs + cfg.sched.cooldown_epochs
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, cfg.epochs, self.steps_per_epoch)
+        # This config's hyper-parameters, put back over a restored optimizer when resume_allow_changes is set.
+        self.fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.dtype == torch.float16)
         self.criterion = self.build_criterion()
         self.checkpoints = ckpt.RunCheckpoints(self.run_dir, self.model, self.ema, self.optimizer, self.dist.is_main,
-                                               sharded=is_sharded(self.model))
+                                               sharded=is_sharded(self.model), device=self.dist.device,
+                                               keep_last_n=cfg.checkpoint.keep_last_n)
         self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg.logger, self.dist.is_main,
                                     OmegaConf.to_container(cfg, resolve=True), run_id=self.state.wandb_id,
@@ -187,47 +194,119 @@ class Trainer:
                 "bn_stats": gather_objects(self.bn_stats(), self.dist) if self.dist.distributed else None,
                 "config": OmegaConf.to_yaml(self.cfg, resolve=True)}
 
-    def bn_stats(self, load: dict | None = None) -> dict:
-        """This rank's BatchNorm running statistics (model and EMA), or restore them from ``load``.
+    def _bn_modules(self) -> dict:
+        return {"model": self.model, **({"ema": self.ema.module} if self.ema else {})}
+
+    def bn_stats(self) -> dict:
+        """This rank's BatchNorm running statistics (model and EMA).
 
         Without SyncBN each rank's statistics drift apart between the reductions before validation; a checkpoint
         holding only rank 0's copy (DDP, and FSDP2's replicated buffers) would make resuming inexact."""
-        modules = {"model": self.model, **({"ema": self.ema.module} if self.ema else {})}
-        if load is not None:
-            with torch.no_grad():
-                for key, module in modules.items():
-                    for name, buf in module.named_buffers():
-                        if name in load[key]:
-                            buf.copy_(load[key][name])
         return {key: {n: b.detach().cpu().clone() for n, b in m.named_buffers() if ".running_" in n}
-                for key, m in modules.items()}
+                for key, m in self._bn_modules().items()}
+
+    @torch.no_grad()
+    def set_bn_stats(self, stats: dict):
+        for key, module in self._bn_modules().items():
+            for name, buf in module.named_buffers():
+                if name in stats[key]:
+                    buf.copy_(stats[key][name])
 
     def save(self, best: bool = False, tag: str | None = None):
-        # Collective (RNG gather, sharded writes): every rank takes part.
-        self.checkpoints.save(self.meta_state(), best=best, tag=tag)
+        # Collective (RNG gather, finiteness verdict, sharded writes): every rank takes part.
+        modules = [self.model] + ([self.ema.module] if self.ema else [])
+        if not ckpt.finite(modules, self.dist.device):
+            raise TrainingError(f"the weights are not finite at global step {self.state.global_step}: no checkpoint "
+                                f"written; the last good one is {ckpt.latest(self.run_dir) or 'none yet'}")
+        try:
+            self.checkpoints.save(self.meta_state(), best=best, tag=tag)
+        except ckpt.CheckpointWriteError as e:
+            raise TrainingError(str(e)) from None
 
     def resume(self):
         mode = str(self.cfg.resume)
-        path = None if mode == "never" else (ckpt.latest(self.run_dir) if mode == "auto" else Path(mode))
-        if path is None:
+        if mode == "never":
             return
-        if not path.exists():
-            raise TrainingError(f"resume={mode}: no checkpoint at {path}")
-        try:
-            state = self.checkpoints.load(path)
-        except ckpt.CheckpointMismatch as e:
-            raise TrainingError(str(e)) from None
-        self.scheduler.load_state_dict(state["scheduler"])
+        if mode == "auto":
+            found = ckpt.candidates(self.run_dir)
+            if not found:
+                if ckpt.has_files(self.run_dir):
+                    raise TrainingError(f"{self.run_dir / 'checkpoints'} holds files but no checkpoint; move them away "
+                                        f"or set run_dir to a new folder")
+                return
+        else:
+            found = [Path(mode)]
+            if not found[0].exists():
+                raise TrainingError(f"resume={mode}: no checkpoint at {found[0]}")
+        path, state, failed, allowed = self.load_first_good(found)
+        if state is None:
+            raise TrainingError(f"no checkpoint in {self.run_dir / 'checkpoints'} loads ({failed[-1][0].name}: "
+                                f"{failed[-1][1]}); resume=PATH picks one, run_dir=NEW starts over")
+        if failed and self.dist.is_main:
+            print(f"warning: skipped {', '.join(f'{p.name} ({why})' for p, why in failed)}; resuming from the newest "
+                  f"checkpoint that loads: {path}", flush=True)
+        if allowed:  # the new schedule and hyper-parameters, from the restored step on
+            for group, fresh in zip(self.optimizer.param_groups, self.fresh_groups):
+                group.update(fresh)
+        else:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["state"])
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             ckpt.set_rng_state(rngs[self.dist.rank])
             if state.get("bn_stats"):
-                self.bn_stats(state["bn_stats"][self.dist.rank])
+                self.set_bn_stats(state["bn_stats"][self.dist.rank])
         if self.dist.is_main:
             print(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step}/{self.steps_per_epoch}, "
                   f"global step {self.state.global_step}", flush=True)
+
+    def load_first_good(self, paths):
+        """(path, meta, failures, changes allowed) of the first checkpoint that loads and holds finite weights; every
+        rank makes the same choice. A checkpoint of another run stops the resume instead of being skipped."""
+        failed, modules = [], [self.model] + ([self.ema.module] if self.ema else [])
+
+        def attempt(step, *args):
+            try:
+                return step(*args), None
+            except ckpt.CheckpointMismatch as e:
+                raise TrainingError(str(e)) from None
+            except Exception as e:  # truncated, dangling link, foreign file: try the next one
+                return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}".rstrip(": ")
+
+        def everywhere(ok: bool) -> bool:
+            return not all_reduce_max(torch.tensor([int(not ok)], device=self.dist.device)).item()
+
+        for path in paths:
+            state, why = attempt(self.checkpoints.read, path)
+            if everywhere(why is None):
+                allowed = self.check_same_run(state, path)
+                _, why = attempt(self.checkpoints.restore, path, state)
+                if everywhere(why is None):
+                    if ckpt.finite(modules, self.dist.device):
+                        return path, state, failed, allowed
+                    why = "non-finite weights"
+            failed.append((path, why or "unreadable on another rank"))
+        return None, None, failed, False
+
+    def check_same_run(self, state, path) -> bool:
+        """Refuse a resume that would silently mix two runs: returns whether changes were allowed (and made)."""
+        stored = OmegaConf.create(state["config"])
+        changed = [(k, a, b) for k, b, a in recipe.differences(self.cfg, stored) if k not in RESUMABLE_CHANGES]
+        world = state["world_size"] != self.dist.world_size
+        if not (changed or world):
+            return False
+        what = "; ".join([f"{k} {a} -> {b}" for k, a, b in changed] +
+                         ([f"world size {state['world_size']} -> {self.dist.world_size}"] if world else []))
+        if not self.cfg.resume_allow_changes:
+            raise TrainingError(f"{path} is another run: {what}. Use a new run_dir, or resume_allow_changes=true to "
+                                f"continue this one with the new values")
+        if self.dist.is_main:
+            print(f"warning: resuming {path} with changes ({what}): applied from global step "
+                  f"{state['state']['global_step']} on" + ("; not bit-exact: the per-rank random generators cannot "
+                                                           "move to another number of ranks" if world else ""),
+                  flush=True)
+        return bool(changed)
 
     # ------------------------------------------------------------------------------------------------ steps
     def train_step(self, batches) -> dict:
@@ -237,7 +316,7 @@ class Trainer:
         output buffers, so holding a batch while asking for another would let the loader overwrite it."""
         cfg, st = self.cfg, self.state
         mesa_on = self.ema is not None and mesa_active(cfg.mesa.weight, cfg.mesa.start_ratio, st.epoch, cfg.epochs)
-        losses, finite = [], True
+        losses = []
         for i in range(self.accum):
             t0 = time.perf_counter()
             images, labels = next(batches)
@@ -251,31 +330,42 @@ class Trainer:
                         with torch.no_grad():
                             ema_logits = self.ema.module(x)
                         loss = loss + mesa_loss(logits, ema_logits, cfg.mesa.weight)
-                finite &= bool(torch.isfinite(loss))
                 self.scaler.scale(loss / self.accum).backward()
             losses.append(loss.detach().float())
-        if not finite:
-            return self.non_finite(torch.stack(losses))
+        losses = torch.stack(losses)
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm(self.model.parameters(), cfg.clip_grad)
+        # One verdict for every rank: a rank that skipped alone would leave the others stepping on the NaN it
+        # all-reduced into their gradients, one that stopped alone would leave them waiting in a collective. With
+        # fp16 an inf gradient is routine: the GradScaler skips that step and lowers its scale.
+        bad = torch.tensor([not bool(torch.isfinite(losses).all()),
+                            not (math.isfinite(grad_norm) or self.scaler.is_enabled())], device=losses.device)
+        if all_reduce_max(bad.to(torch.int32)).any():
+            return self.non_finite(losses, grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
             self.ema.update(self.model)
-        return {"loss": torch.stack(losses).mean().item(), "grad_norm": grad_norm}
+        return {"loss": losses.mean().item(), "grad_norm": grad_norm}
 
-    def non_finite(self, losses) -> dict:
+    def non_finite(self, losses, grad_norm) -> dict:
+        """Every rank gets here at the same step: skip it together, or stop together before any update."""
         st = self.state
         self.optimizer.zero_grad(set_to_none=True)
-        where = f"epoch {st.epoch}, step {st.step} (global step {st.global_step})"
+        self.scaler.update()  # closes the unscale_ above (and lowers the fp16 scale if it overflowed)
+        where = f"epoch {st.epoch}, step {st.step} (global step {st.global_step + 1})"
+        what = "loss" if not torch.isfinite(losses).all() else "gradient"
         if self.cfg.nan_policy == "skip":
             st.skipped_steps += 1
+            if self.dist.is_main:
+                print(f"warning: non-finite {what} on some rank at {where}: step skipped on every rank "
+                      f"({st.skipped_steps} so far)", flush=True)
             return {"loss": float("nan"), "grad_norm": float("nan"), "skipped": st.skipped_steps}
         last = ckpt.latest(self.run_dir)
-        raise TrainingError(f"non-finite loss {losses.tolist()} at {where}; no update was applied. Last good "
-                            f"checkpoint: {last or 'none yet'} (rerun to resume from it; nan_policy=skip skips such "
-                            f"steps; try amp=bf16 or a lower optim.lr)")
+        raise TrainingError(f"non-finite {what} (this rank: loss {losses.tolist()}, grad norm {grad_norm}) at {where}"
+                            f"; no update was applied. Last good checkpoint: {last or 'none yet'} (rerun to resume "
+                            f"from it; nan_policy=skip skips such steps; try amp=bf16 or a lower optim.lr)")
 
     def train_epoch(self):
         cfg, st = self.cfg, self.state
@@ -313,17 +403,11 @@ class Trainer:
             if cfg.checkpoint.every_n_steps and st.global_step % cfg.checkpoint.every_n_steps == 0 \
                     and st.step < self.steps_per_epoch:
                 self.save(tag=f"step_{st.global_step}" if cfg.checkpoint.keep_steps else None)
-                self._debug_kill()
             self.stopping = self.stops.requested()
             if self.stopping or (cfg.max_steps and st.global_step >= cfg.max_steps):
                 break
         bar.close()
         return time.perf_counter() - t_epoch
-
-    def _debug_kill(self):
-        # Tests of exact resume: die like a preempted node right after this checkpoint.
-        if self.cfg.debug.kill_at_step and self.state.global_step == self.cfg.debug.kill_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def validate(self) -> dict:
         progress = (lambda it: tqdm(it, desc="val", leave=False, disable=not (self.dist.is_main and self.cfg.progress)))
@@ -371,7 +455,7 @@ class Trainer:
             print(summary_table(summary), flush=True)
         self.logger.close()
         if self.stopping:
-            raise self.stops.finish(self.stopping)
+            raise self.stops.finish(self.stopping)  # every rank waits there until the checkpoint and requeue are done
         return summary
 
 

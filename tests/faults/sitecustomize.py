@@ -1,0 +1,66 @@
+"""Fault injection for the tests. Python imports this module at start-up when tests/faults is on PYTHONPATH (the
+tests put it there with `faults(...)` from tests/runs.py); the package knows nothing about it.
+
+Each fault is an environment variable:
+  MV_FAULT_KILL_AT_STEP=N        every rank SIGKILLs itself right after the checkpoint written at global step N
+  MV_FAULT_NAN=RANK:STEP[:grad]  at global step STEP (1-based), rank RANK's loss is NaN; with ':grad' the loss stays
+                                 finite and its gradient is inf instead
+  MV_FAULT_SLOW_SAVE=SECONDS     rank 0 waits this long inside every checkpoint save, before writing
+"""
+
+import os
+
+if any(k.startswith("MV_FAULT_") for k in os.environ):
+    import signal
+    import time
+
+    import torch
+
+    from mambavision_train import checkpoint
+    from mambavision_train.engine.trainer import Trainer
+
+    class _InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    if "MV_FAULT_NAN" in os.environ:
+        rank, step, *kind = os.environ["MV_FAULT_NAN"].split(":")
+        build_criterion = Trainer.build_criterion
+
+        def faulty_criterion(self):
+            criterion = build_criterion(self)
+
+            def loss(logits, target):
+                hit = self.dist.rank == int(rank) and self.state.global_step + 1 == int(step)
+                if hit and kind == ["grad"]:
+                    return criterion(_InfGrad.apply(logits), target)
+                return criterion(logits, target) * (float("nan") if hit else 1.0)
+            return loss
+
+        Trainer.build_criterion = faulty_criterion
+
+    if "MV_FAULT_KILL_AT_STEP" in os.environ:
+        kill_at, save = int(os.environ["MV_FAULT_KILL_AT_STEP"]), Trainer.save
+
+        def save_then_die(self, *args, **kwargs):
+            save(self, *args, **kwargs)
+            if self.state.global_step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        Trainer.save = save_then_die
+
+    if "MV_FAULT_SLOW_SAVE" in os.environ:
+        delay, write = float(os.environ["MV_FAULT_SLOW_SAVE"]), checkpoint.RunCheckpoints.save
+
+        def slow_save(self, *args, **kwargs):
+            if self.is_main:
+                print(f"fault: saving slowly ({delay:g} s)", flush=True)
+                time.sleep(delay)
+            return write(self, *args, **kwargs)
+
+        checkpoint.RunCheckpoints.save = slow_save

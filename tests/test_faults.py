@@ -1,0 +1,168 @@
+"""When things go wrong: a NaN on one rank, a checkpoint that does not load, a full disk, a resume into another run.
+Faults are injected from the test side (tests/faults/sitecustomize.py), never by the package."""
+
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from runs import ONE_STEP, ROOT, faults, final_state, run, torchrun
+
+SHORT = ["experiment=demo", "batch_size=32", "micro_batch_size=32", "checkpoint.every_n_steps=2", "progress=false",
+         "logger.mode=disabled", "log_every=1"]
+
+
+def one_line_error(res, starts: str):
+    assert res.returncode != 0, res.stdout[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert lines and lines[0].startswith(starts), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    return lines[0]
+
+
+def finite_weights(state) -> bool:
+    return all(torch.isfinite(v).all() for part in ("model", "ema") for v in state[part].values()
+               if v.is_floating_point())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,policy,fault,port", [("ddp", "skip", "1:3", 29641), ("ddp", "stop", "1:3:grad", 29642),
+                                                    ("fsdp", "skip", "1:3:grad", 29643), ("fsdp", "stop", "1:3", 29644)])
+def test_a_nan_on_one_rank_is_decided_by_all_ranks(env, tmp_path, kind, policy, fault, port):
+    """Rank 1 alone sees a NaN loss (or a finite loss with an inf gradient) at step 3 of 4: with skip both ranks skip
+    it and end finite; with stop both stop with one line naming the last checkpoint, which is finite."""
+    args = [*ONE_STEP, f"dist={kind}", "batch_size=32", "micro_batch_size=16", "max_steps=4",
+            "checkpoint.every_n_steps=2", f"nan_policy={policy}", f"run_dir={tmp_path}"]
+    res = run("train.py", *args, env=faults({**env, "OMP_NUM_THREADS": "1"}, NAN=fault), prefix=torchrun(2, port),
+              check=policy == "skip")
+    state = final_state(tmp_path)
+    assert finite_weights(state)
+    if policy == "skip":
+        assert state["state"]["global_step"] == 4 and state["state"]["skipped_steps"] == 1
+        assert "step skipped on every rank (1 so far)" in res.stdout
+    else:
+        assert state["state"]["global_step"] == 2
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error: non-finite")]
+        assert len(errors) == 2, res.stderr[-3000:]  # both ranks, at the same step
+        assert all("at epoch 0, step 2 (global step 3)" in e and "Last good checkpoint: " in e for e in errors)
+        assert ("loss [nan]" in errors[0] + errors[1]) == (fault == "1:3")
+
+
+@pytest.fixture(scope="module")
+def five_steps(tmp_path_factory, env):
+    """A demo run stopped after 5 steps: last.pth.tar at step 5, previous.pth.tar at step 4."""
+    d = tmp_path_factory.mktemp("base")
+    run("train.py", *SHORT, "max_steps=5", f"run_dir={d}", env=env)
+    return d
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "non_finite"])
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(env, tmp_path, five_steps, damage):
+    d = copy_run(five_steps, tmp_path / "run")
+    last = d / "checkpoints" / "last.pth.tar"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "deleted":
+        last.unlink()
+    else:
+        state = torch.load(last, weights_only=True)
+        next(v for v in state["model"].values() if v.is_floating_point()).fill_(math.nan)
+        torch.save(state, last)
+    res = run("train.py", *SHORT, "max_steps=7", f"run_dir={d}", env=env)
+    assert "resumed from" in res.stdout and "global step 4" in res.stdout, res.stdout[-2000:]
+    if damage != "deleted":
+        assert "warning: skipped last.pth.tar (" in res.stdout
+    assert final_state(d)["state"]["global_step"] == 7 and finite_weights(final_state(d))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_folder_where_nothing_loads_stops_with_one_line(env, tmp_path, five_steps):
+    d = copy_run(five_steps, tmp_path / "run")
+    for p in (d / "checkpoints").glob("*.pth.tar"):
+        p.write_bytes(b"not a checkpoint")
+    res = run("train.py", *SHORT, "max_steps=7", f"run_dir={d}", env=env, check=False)
+    one_line_error(res, "error: no checkpoint in ")
+    (d / "checkpoints" / "notes.txt").write_text("x")
+    for p in (d / "checkpoints").glob("*.pth*"):
+        p.unlink()
+    one_line_error(run("train.py", *SHORT, f"run_dir={d}", env=env, check=False), "error: ")
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_previous_checkpoint(env, tmp_path, five_steps):
+    """The next save cannot be written (file size limit, as on a full disk): one line, no temporary file left, and
+    the same command without the limit resumes from the checkpoint before it."""
+    d = copy_run(five_steps, tmp_path / "run")
+    before = (d / "checkpoints" / "last.pth.tar").read_bytes()
+    cmd = " ".join([sys.executable, str(ROOT / "train.py"), *SHORT, "max_steps=7", f"run_dir={d}"])
+    res = subprocess.run(["bash", "-c", f"ulimit -f 20000; exec {cmd}"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    line = one_line_error(res, "error: could not write a checkpoint in ")
+    assert "File too large" in line and "the previous one is intact" in line
+    assert (d / "checkpoints" / "last.pth.tar").read_bytes() == before
+    assert not list((d / "checkpoints").glob(".*tmp*"))
+    run("train.py", *SHORT, "max_steps=7", f"run_dir={d}", env=env)
+    assert final_state(d)["state"]["global_step"] == 7
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_run_unless_allowed_and_then_applies_the_change(env, tmp_path, five_steps):
+    d = copy_run(five_steps, tmp_path / "run")
+    line = one_line_error(run("train.py", *SHORT, "max_steps=7", "optim.lr=0.006", f"run_dir={d}", env=env,
+                              check=False), "error: ")
+    assert "is another run: optim.lr 0.003 -> 0.006" in line and "resume_allow_changes=true" in line
+    line = one_line_error(run("train.py", *SHORT, "max_steps=7", "model=mambavision_t", f"run_dir={d}", env=env,
+                              check=False), "error: ")
+    assert "model.name mambavision_demo -> mambavision_t" in line
+    # Allowed: the new learning rate really applies from the restored step on, as in a run that had it throughout.
+    res = run("train.py", *SHORT, "max_steps=7", "optim.lr=0.006", "resume_allow_changes=true", f"run_dir={d}",
+              env=env)
+    assert "warning: resuming" in res.stdout and "optim.lr 0.003 -> 0.006" in res.stdout
+    fresh = tmp_path / "fresh"
+    run("train.py", *SHORT, "max_steps=7", "optim.lr=0.006", f"run_dir={fresh}", env=env)
+    got, want = final_state(d)["optimizer"]["param_groups"], final_state(fresh)["optimizer"]["param_groups"]
+    assert [(g["lr"], g["weight_decay"]) for g in got] == [(g["lr"], g["weight_decay"]) for g in want]
+    assert final_state(d)["scheduler"]["base_values"] == final_state(fresh)["scheduler"]["base_values"]
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_is_refused_or_announced(env, tmp_path, five_steps):
+    d = copy_run(five_steps, tmp_path / "run")
+    env1 = {**env, "OMP_NUM_THREADS": "1"}
+    res = run("train.py", *SHORT, "max_steps=7", "micro_batch_size=16", f"run_dir={d}", env=env1,
+              prefix=torchrun(2, 29645), check=False)
+    assert res.returncode != 0 and "error: " in res.stderr and "world size 1 -> 2" in res.stderr, res.stderr[-2000:]
+    res = run("train.py", *SHORT, "max_steps=7", "micro_batch_size=16", "resume_allow_changes=true", f"run_dir={d}",
+              env=env1, prefix=torchrun(2, 29646))
+    assert "world size 1 -> 2" in res.stdout and "not bit-exact" in res.stdout
+    assert final_state(d)["state"]["global_step"] == 7 and final_state(d)["world_size"] == 2
+
+
+def test_an_experiment_with_another_model_gets_its_own_run_dir():
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        b = compose("train", overrides=["experiment=paper_mambavision_b"])
+        t = compose("train", overrides=["experiment=paper_mambavision_b", "model=mambavision_t"])
+    assert b.run_dir == "runs/paper_mambavision_b" and t.run_dir == "runs/paper_mambavision_t"
+
+
+@pytest.mark.slow
+def test_a_dangling_last_dcp_resumes_from_the_previous_sharded_checkpoint(env, tmp_path):
+    args = [*SHORT, "dist=fsdp", "micro_batch_size=16", f"run_dir={tmp_path}"]
+    env1 = {**env, "OMP_NUM_THREADS": "1"}
+    run("train.py", *args, "max_steps=5", env=env1, prefix=torchrun(2, 29647))
+    last = tmp_path / "checkpoints" / "last.dcp"
+    shutil.rmtree(last.resolve())
+    assert last.is_symlink() and not last.exists()
+    res = run("train.py", *args, "max_steps=7", env=env1, prefix=torchrun(2, 29648))
+    assert "resumed from" in res.stdout and "global step 4" in res.stdout, res.stdout[-2000:]
+    assert final_state(tmp_path)["state"]["global_step"] == 7
