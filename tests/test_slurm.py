@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import ONE_STEP, ROOT, assert_same, assert_same_run, final_state, run, torchrun
+from runs import ONE_STEP, ROOT, assert_same, assert_same_run, faults, final_state, run, torchrun
 from slurm_cluster import LocalSlurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -170,3 +170,24 @@ def test_two_node_ddp_survives_a_requeue_bit_exactly(cluster, job_env, tmp_path)
     a, b = final_state(tmp_path / "torchrun"), final_state(tmp_path / "two_nodes")
     assert a["world_size"] == b["world_size"] == 2 and a["state"]["global_step"] == b["state"]["global_step"] == 4
     assert_same_run(a, b)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_a_slow_save_on_rank_0_is_not_cut_short_by_the_other_ranks_exit(cluster, job_env, tmp_path, kind):
+    """Two nodes, rank 0 takes 20 s to write every checkpoint (a big model on a shared filesystem): on USR1 both
+    ranks stop at the same step, rank 1 waits until rank 0 has written and requeued, the job comes back, resumes at
+    that step and completes. (A rank that exited first would make srun kill rank 0 halfway through the write.)"""
+    steps = [*ONE_STEP, f"dist={kind}", "batch_size=32", "micro_batch_size=16", "max_steps=6", "log_every=1"]
+    out = tmp_path / "slurm.out"
+    jid = cluster.sbatch("--nodes=2", *ONE_TASK, f"--output={out}", ROOT / "slurm/train_multinode.sbatch", *steps,
+                         f"run_dir={tmp_path / 'run'}", env=faults(job_env, SLOW_SAVE=20))
+    wait_for(out, r"^train epoch 0 step 2/")
+    cluster.out(["scancel", "--signal=USR1", jid])
+    [job] = cluster.wait(jid, 400)
+    text = out.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text[-3000:]
+    assert "fault: saving slowly (20 s)" in text and text.count("received SIGUSR1") == 2, text[-3000:]
+    before_stop = text[:text.index("stopped by SIGUSR1")]
+    stopped_at = int(re.findall(r"^train epoch 0 step (\d+)/", before_stop, re.M)[-1])
+    assert re.search(rf"resumed from .*global step {stopped_at}$", text, re.M), text[-3000:]
+    assert final_state(tmp_path / "run")["state"]["global_step"] == 6

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import get_pretrained_cfg
 from tqdm import tqdm
 
 from ..data import Shard, build_loader, from_config, DataConfig
@@ -37,9 +38,15 @@ def run_eval(cfg) -> dict:
     info = init_distributed(cfg.device)
     requeue_on_timeout_signal(info.is_main)
     data = from_config(DataConfig, cfg.data)
+    source = str(cfg.checkpoint or get_pretrained_cfg(cfg.model.name).hf_hub_id)
+    if cfg.table:  # a requeued multi-model evaluation goes on where it stopped
+        done = table_row(Path(cfg.table), cfg.model.name, source)
+        if done is not None:
+            if info.is_main:
+                print(f"eval {cfg.model.name}: already in {cfg.table} (top1 {done['top1']:.2f}), skipped", flush=True)
+            return done
     model = timm.create_model(cfg.model.name, num_classes=data.num_classes,
                               **({"scan_impl": cfg.model.scan_impl} if cfg.model.scan_impl else {}))
-    pcfg = model.pretrained_cfg
     loader, aug = build_loader(data, None, train=False, batch_size=cfg.batch_size,
                                shard=Shard(info.rank, info.world_size), device=info.device,
                                **variant_data_args(model, cfg.model))
@@ -49,7 +56,6 @@ def run_eval(cfg) -> dict:
     autocast = (lambda: torch.autocast(info.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     progress = (lambda it: tqdm(it, desc=f"eval {cfg.model.name}", unit="batch", disable=not (info.is_main and cfg.progress)))
     out = evaluate(model, loader, aug, autocast, progress)
-    source = str(cfg.checkpoint or pcfg["hf_hub_id"])
     row = paper_row(cfg.model.name, is_in21k(cfg.model.name, source, cfg.pretrain)) if data.num_classes == 1000 else None
     paper = row["top1"] if row else None
     out.update(model=cfg.model.name, weights=f"{source} ({kind})", paper_top1=paper,
@@ -61,6 +67,17 @@ def run_eval(cfg) -> dict:
         if cfg.table:
             append_row(Path(cfg.table), out)
     return out
+
+
+def table_row(path: Path, model: str, source: str) -> dict | None:
+    """The row of ``path`` for this model and these weights, if there is one."""
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0] == model and cells[1].startswith(f"{source} ("):
+            return {"model": model, "weights": cells[1], "top1": float(cells[2]), "top5": float(cells[3])}
+    return None
 
 
 def append_row(path: Path, r: dict):
