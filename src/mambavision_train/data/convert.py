@@ -3,16 +3,18 @@
     python -m mambavision_train.data.convert /data/imagenet /data/imagenet_ffcv [--max-side 512] [--quality 90]
         [--compress-prob 1.0] [--workers 16] [--splits train,val] [--overwrite]
 
-Writes ``<out>/<split>.beton``, ``<out>/classes.json`` (torchvision ImageFolder's class order) and
-``<out>/<split>_skipped.txt`` (files that do not decode, with the reason). Every file is decoded once up front in
-parallel: unreadable ones are skipped and reported instead of crashing the writer halfway; the outcome is cached in
-``<out>/<split>.scan.json`` so an interrupted conversion does not redo it. The .beton is written under a
-``.partial`` name and renamed when complete, so a file with the final name is always whole.
+Writes ``<out>/<split>.beton``, ``<out>/classes.json`` (torchvision ImageFolder's class order; hidden folders and
+files are left out) and ``<out>/<split>_skipped.txt`` (files that do not decode, with the reason). Every file is
+decoded once up front in parallel: unreadable ones are skipped and reported instead of crashing the writer halfway;
+the outcome is cached in ``<out>/<split>.scan.json``, keyed on every file's name, size and mtime, so an interrupted
+conversion does not redo it. The .beton is written under a ``.partial`` name and renamed when complete, so a file
+with the final name is always whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -20,13 +22,23 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 from tqdm import tqdm
 
 from .images import BadImage, load_rgb
+
+
+def default_workers() -> int:
+    """The SLURM allocation when there is one (the node may have more cores than the job), else every usable core."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
@@ -34,7 +46,7 @@ class ConvertOptions:
     max_side: int = 512  # longer side stored; RandomResizedCrop at 224 rarely needs more (ImageNet averages ~400x350)
     quality: int = 90  # JPEG quality of stored images
     compress_prob: float = 1.0  # fraction stored as JPEG; the rest raw (bigger, no decode cost)
-    workers: int = max(1, (os.cpu_count() or 1))
+    workers: int = field(default_factory=default_workers)
     overwrite: bool = False
     chunk_size: int = 100
 
@@ -44,37 +56,68 @@ class ConversionError(RuntimeError):
 
 
 def scan_tree(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes and (path, label) pairs exactly as torchvision's ImageFolder would list them."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-    classes, class_to_idx = find_classes(str(split_dir))
-    return classes, make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    """Classes and (path, label) pairs in torchvision ImageFolder's order, less hidden folders and files: ImageFolder
+    would make ``.ipynb_checkpoints`` a class, and take a checkpoint copy or a macOS ``._x.JPEG`` for an image."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+    split_dir = os.path.expanduser(split_dir)  # as make_dataset does, so that the prefix below matches its paths
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    root = len(split_dir)
+
+    def visible_image(path: str) -> bool:
+        return has_file_allowed_extension(path, IMG_EXTENSIONS) and os.sep + "." not in path[root:]
+
+    return classes, make_dataset(split_dir, {c: i for i, c in enumerate(classes)}, is_valid_file=visible_image,
+                                 allow_empty=True)
 
 
 def _check(args):
+    """None for a file that decodes, else why not. Any exception counts: PIL's plugins raise more than OSError on
+    corrupt data (a fractional size in a header is a TypeError), and one such file must not stop the scan."""
     path, max_side = args
     try:
         load_rgb(path, max_side)
-        return None
     except BadImage as e:
         return str(e)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _scan_key(samples, max_side: int) -> str:
+    """What the scan's outcome depends on: the decode size and every file's name, size and mtime, so a file that
+    was rewritten, replaced or renamed since invalidates it."""
+    h = hashlib.sha256(str(max_side).encode())
+    for path, _ in samples:
+        try:
+            st = os.stat(path)
+            stamp = f"{st.st_size} {st.st_mtime_ns}"
+        except OSError:  # a dangling link: the scan reports it
+            stamp = "-"
+        h.update(os.fsencode(path) + b"\0" + stamp.encode() + b"\n")
+    return h.hexdigest()
 
 
 def check_files(samples, opts: ConvertOptions, cache: Path, desc: str) -> tuple[list, list]:
     """Decode every file once; returns (good samples, [(path, reason)]). Cached in ``cache``."""
+    key = _scan_key(samples, opts.max_side)
     if cache.exists():
         state = json.loads(cache.read_text())
-        if state.get("files") == len(samples) and state.get("max_side") == opts.max_side:
-            bad = {p: r for p, r in state["skipped"]}
+        if state.get("key") == key:
+            bad = {p for p, _ in state["skipped"]}
             return [s for s in samples if s[0] not in bad], state["skipped"]
     bad = []
-    with ProcessPoolExecutor(opts.workers) as pool:
-        results = pool.map(_check, [(p, opts.max_side) for p, _ in samples], chunksize=64)
-        for (path, _), reason in tqdm(zip(samples, results), total=len(samples), desc=f"check {desc}", unit="img",
-                                      smoothing=0.05, dynamic_ncols=True):
-            if reason is not None:
-                bad.append((path, reason))
+    try:
+        with ProcessPoolExecutor(opts.workers) as pool:
+            results = pool.map(_check, [(p, opts.max_side) for p, _ in samples], chunksize=64)
+            for (path, _), reason in tqdm(zip(samples, results), total=len(samples), desc=f"check {desc}",
+                                          unit="img", smoothing=0.05, dynamic_ncols=True):
+                if reason is not None:
+                    bad.append((path, reason))
+    except BrokenProcessPool:
+        raise ConversionError("a process checking the images died (out of memory? killed?); run the same command "
+                              "again, with fewer --workers if memory is short") from None
     tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"files": len(samples), "max_side": opts.max_side, "skipped": bad}))
+    tmp.write_text(json.dumps({"key": key, "skipped": bad}))  # ASCII: undecodable names survive as escapes
     os.replace(tmp, cache)
     bad_paths = {p for p, _ in bad}
     return [s for s in samples if s[0] not in bad_paths], bad
@@ -109,18 +152,13 @@ def write_beton(samples, path: Path, opts: ConvertOptions):
     os.replace(partial, path)
 
 
-class _TrackedProcess(multiprocessing.Process):
-    started: list = []
-
-    def start(self):
-        _TrackedProcess.started.append(self)
-        super().start()
-
-
 def _run_watched(write):
-    """Run FFCV's writer, failing fast if one of its worker processes dies: FFCV itself would wait forever."""
-    import ffcv.writer
-    _TrackedProcess.started = []
+    """Run FFCV's writer in a thread and watch its worker processes from here, failing fast if one dies: FFCV itself
+    would wait forever. psutil lists the children without collecting them (multiprocessing.active_children() would
+    collect one that died between two looks, unseen), and waitid(WNOWAIT) reads an exit status while leaving the
+    child for multiprocessing to collect."""
+    me = psutil.Process()
+    before = {c.pid for c in me.children()}
     errors = []
 
     def target():
@@ -129,22 +167,39 @@ def _run_watched(write):
         except BaseException as e:  # re-raised in the calling thread
             errors.append(e)
 
-    original, ffcv.writer.Process = ffcv.writer.Process, _TrackedProcess
     thread = threading.Thread(target=target, daemon=True)
-    try:
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.5)
-            dead = [p for p in _TrackedProcess.started if p.exitcode not in (None, 0)]
-            if dead:
-                for p in _TrackedProcess.started:
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+        writers = {c.pid for c in me.children()} - before
+        dead = [code for code in map(_exit_code, writers) if code not in (None, 0)]
+        if dead:
+            for p in multiprocessing.active_children():
+                if p.pid in writers:
                     p.kill()
-                raise ConversionError(f"an FFCV writer process died (exit code {dead[0].exitcode}); nothing was "
-                                      "written under the final name: run the same command again")
-    finally:
-        ffcv.writer.Process = original
+            raise ConversionError(f"an FFCV writer process died (exit code {dead[0]}); nothing was written under "
+                                  "the final name: run the same command again")
     if errors:
         raise errors[0]
+
+
+def _exit_code(pid: int) -> int | None:
+    """A child's exit code as multiprocessing gives it (minus the signal for a killed one); None while it runs."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # already collected, so not a writer that died unnoticed
+        return None
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def _escaped(text: str) -> str:
+    """``text`` as one line of UTF-8 for a tab-separated report, whatever a file name holds: bytes that are not
+    UTF-8 as \\xNN, and backslash, tab and line breaks escaped as in Python."""
+    for char, escape in (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r")):
+        text = text.replace(char, escape)
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def convert_split(src: Path, out: Path, split: str, opts: ConvertOptions) -> dict:
@@ -155,15 +210,19 @@ def convert_split(src: Path, out: Path, split: str, opts: ConvertOptions) -> dic
     if not samples:
         raise ConversionError(f"no images under {split_dir} (expected {split_dir}/<class>/<image>)")
     good, skipped = check_files(samples, opts, out / f"{split}.scan.json", split)
-    (out / f"{split}_skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in skipped))
+    report = out / f"{split}_skipped.txt"
+    report.write_text("".join(f"{_escaped(p)}\t{_escaped(r)}\n" for p, r in skipped), encoding="utf-8")
+    if not good:
+        raise ConversionError(f"none of the {len(samples)} images under {split_dir} decodes; the reasons are in "
+                              f"{report}")
     write_beton(good, target, opts)
     seconds = time.time() - t0
     return dict(split=split, classes=classes, images=len(good), skipped=len(skipped), seconds=seconds,
                 mb=target.stat().st_size / 2**20)
 
 
-def convert(src, out, splits=("train", "val"), opts: ConvertOptions = ConvertOptions()) -> list[dict]:
-    src, out = Path(src), Path(out)
+def convert(src, out, splits=("train", "val"), opts: ConvertOptions | None = None) -> list[dict]:
+    src, out, opts = Path(src), Path(out), opts or ConvertOptions()  # built per call: the worker count reads the env
     missing = [s for s in splits if not (src / s).is_dir()]
     if missing:
         raise ConversionError(f"{src} has no {'/'.join(missing)} folder (expected {src}/<split>/<class>/<image>)")
@@ -201,7 +260,8 @@ def main(argv=None):
     ap.add_argument("--quality", type=int, default=d.quality, help=f"JPEG quality (default {d.quality})")
     ap.add_argument("--compress-prob", type=float, default=d.compress_prob,
                     help="fraction of images stored as JPEG, the rest raw (default 1.0: all JPEG)")
-    ap.add_argument("--workers", type=int, default=d.workers, help=f"processes (default: all cores, {d.workers})")
+    ap.add_argument("--workers", type=int, default=d.workers,
+                    help=f"processes (default {d.workers}: SLURM_CPUS_PER_TASK in a SLURM job, else all cores)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing .beton files")
     args = ap.parse_args(argv)
     opts = ConvertOptions(max_side=args.max_side, quality=args.quality, compress_prob=args.compress_prob,
