@@ -111,7 +111,8 @@ def crop_quality(beton, n=200):
     from ffcv.loader import Loader, OrderOption
     from ffcv.reader import Reader
     from ffcv.transforms import ToTensor
-    from mambavision_train.data.ffcv_decoder import CropResizeDecoder, random_resized_crop, sample_key
+    from mambavision_train.data.ffcv_decoder import CropResizeDecoder, random_resized_crop
+    from mambavision_train.data.order import sample_key
     r = Reader(str(beton))
     sizes = {int(p): int(s) for p, s in zip(r.alloc_table["ptr"], r.alloc_table["size"])}
     raw = Path(beton).read_bytes()

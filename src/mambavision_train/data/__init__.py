@@ -67,11 +67,31 @@ def check(cfg: DataConfig, split: str) -> Path | None:
             if not root.exists():
                 raise DataError(f"data.root={root} does not exist; {HOW_TO_PREPARE}")
             raise DataError(f"{path} not found: data.root must hold FFCV files; {HOW_TO_PREPARE}")
+        labels = beton_num_labels(path)
+        if labels > cfg.num_classes:
+            raise DataError(f"{path} has labels up to {labels - 1} but data.num_classes={cfg.num_classes}; set "
+                            f"data.num_classes={labels}")
         return path
     path = Path(cfg.folder_root or root).expanduser() / split
     if not path.is_dir():
         raise DataError(f"{path} not found: data.root must hold {split}/<class>/<image> folders; {HOW_TO_PREPARE}")
+    from torchvision.datasets.folder import find_classes
+    try:
+        classes = len(find_classes(str(path))[0])  # one directory listing; ImageFolder's label is the folder's rank
+    except FileNotFoundError:
+        raise DataError(f"{path} has no class folders: data.root must hold {split}/<class>/<image> folders") from None
+    if classes > cfg.num_classes:
+        raise DataError(f"{path} has {classes} class folders but data.num_classes={cfg.num_classes}; set "
+                        f"data.num_classes={classes}")
     return path
+
+
+def beton_num_labels(path) -> int:
+    """The number of labels a .beton uses (its largest label + 1), from its metadata table alone: no image is read."""
+    from ffcv.reader import Reader
+    reader = Reader(str(path))
+    column = reader.metadata[f"f{reader.field_names.index('label')}"]  # FFCV names metadata columns by position
+    return int(column.max()) + 1 if len(column) else 0
 
 
 def build_loader(cfg: DataConfig, aug: AugConfig | None, *, train: bool, batch_size: int, res: int,

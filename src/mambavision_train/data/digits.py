@@ -56,6 +56,11 @@ def prepare(root: str | os.PathLike | None = None, workers: int = 2) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # every rank of a first distributed run gets here: one builds, the rest wait
         images = build_folder(root)
         if not all((root / f"{s}.beton").exists() for s in ("train", "val")):
+            import torch
+            threads = torch.get_num_threads()
             convert(images, root, ("train", "val"), ConvertOptions(max_side=SIZE, quality=95, workers=workers,
                                                                   overwrite=True))
+            # Importing FFCV sets torch's thread count to 1 (ffcv.pipeline.compiler): a run that had to build the
+            # data would otherwise compute (and round) differently from the same run resumed.
+            torch.set_num_threads(threads)
     return root

@@ -8,8 +8,8 @@ Compared with FFCV's RandomResizedCropRGBImageDecoder / CenterCropRGBImageDecode
   3/8..7/8 are left out: libjpeg-turbo has no SIMD path for them and they decode slower than full size).
   OpenCV is called through its C entry points (cvResize), from the same libraries FFCV links.
 - Reproducibility: FFCV draws crops from numba's unseeded np.random, so two runs never see the same pixels. Here
-  every random number is a counter-based hash of (seed, epoch, sample index): a resumed run decodes the very same
-  crops and flips, whatever the thread or process that decodes them.
+  every random number is a counter-based hash of (seed, epoch, sample index) (``order.sample_key``): a resumed run
+  decodes the very same crops and flips, whatever the thread or process that decodes them.
 - Crops follow torchvision's RandomResizedCrop (train) and timm's eval resize-then-center-crop (val: shorter side
   to floor(res / crop_pct), or 'squash' for the 512 px models), and the horizontal flip happens here too.
 """
@@ -25,6 +25,8 @@ from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.libffcv import ctypes_memcopy, imdecode
 from ffcv.pipeline.compiler import Compiler
 from numba import njit
+
+from .order import mix64, sample_key
 
 _JPG = IMAGE_MODES["jpg"]
 MODES = ("random", "center", "squash")
@@ -58,23 +60,9 @@ cv_init_mat_header, cv_resize = _opencv_c_api()
 
 
 @njit(cache=True)
-def _mix64(x):
-    # splitmix64 finaliser: a good 64-bit hash, wrapping arithmetic
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-@njit(cache=True)
-def sample_key(seed, epoch, index):
-    return _mix64(_mix64(_mix64(np.uint64(seed)) + np.uint64(epoch)) + np.uint64(index))
-
-
-@njit(cache=True)
 def uniform(key, counter):
     """The counter-th uniform number in [0, 1) of the stream ``key``."""
-    return float(_mix64(key + np.uint64(counter) * np.uint64(0xD1B54A32D192ED03)) >> np.uint64(11)) / 9007199254740992.0
+    return float(mix64(key + np.uint64(counter) * np.uint64(0xD1B54A32D192ED03)) >> np.uint64(11)) / 9007199254740992.0
 
 
 @njit(cache=True)

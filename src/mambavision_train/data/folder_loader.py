@@ -3,13 +3,30 @@
 The per-sample transforms are exactly timm's ``create_transform`` (RandomResizedCrop with random interpolation,
 flip, PIL RandAugment on the CPU in training; resize + center crop in evaluation, the paper-exact path), in
 prefetcher mode: they stop at uint8 tensors and the rest happens on the device (``augment.py``).
-Each sample's random draws are seeded from (seed, epoch, index), so results do not depend on the number of
-workers or on where an epoch was resumed.
+Each sample's random draws are seeded from (seed, epoch, index), and the DataLoader has a generator of its own, so
+results do not depend on the number of workers or on where an epoch was resumed, and loading never draws from the
+global RNGs that training (DropPath, Mixup) draws from.
+
+Files are read with the converter's reader (``images.load_rgb``): EXIF orientation applied, CMYK, gray, palette
+and alpha images made RGB, PNG behind a .JPEG name decoded by its content. Files that do not decode (empty,
+truncated, not an image) are found as they are read: a header check up front misses truncated files, and a full
+decode of ImageNet up front would cost as much as an epoch. Whether a file decodes is a property of the file, so:
+- in training, the slot of an unreadable file gets the next readable file in ImageFolder order (wrapping around),
+  under the slot's own random draws: every rank keeps its number of full batches, and any run (resumed, other
+  workers) sees the same batches;
+- in evaluation it is left out: the metric is over the readable images, as with a .beton, which holds only those.
+Each rank reports every unreadable file once, with a running count, on stderr: ``skipped N unreadable files so
+far, e.g. <path> (<reason>)``.
+
+Nothing here needs FFCV (or numba): this loader is for the machines that lack them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import random
+import sys
 
 import numpy as np
 import torch
@@ -19,21 +36,30 @@ from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
-from .ffcv_decoder import sample_key
-from .order import Shard, batches_per_epoch, rank_indices
+from . import DataError
+from .images import BadImage, load_rgb
+from .order import Shard, batches_per_epoch, rank_indices, sample_key
+
+POSTERIZE = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
 
 
-def _posterize(img, bits_to_keep, **_):
+def _posterize(img, bits_to_keep, **kw):
     # timm's PosterizeIncreasing asks for 0 bits at magnitude 10 (reached by m9 + noise). Pillow < 12 gave a black
     # image (what the official runs saw); Pillow >= 12 raises. Keep the old behaviour.
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
-    return _timm_posterize(img, bits_to_keep)
+    return auto_augment.posterize(img, bits_to_keep, **kw)
 
 
-_timm_posterize = auto_augment.posterize
-for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-    auto_augment.NAME_TO_OP[_name] = _posterize
+def _with_posterize_fix(transform):
+    """Point the posterize ops of ``transform`` at ``_posterize``. Only these op instances change: timm's global
+    NAME_TO_OP, which every other AugmentOp in the process is built from, stays as timm has it."""
+    for t in transform.transforms:
+        ops = list(getattr(t, "ops", ())) + [op for sub in getattr(t, "policy", ()) for op in sub]  # Rand/AutoAugment
+        for op in ops:
+            if getattr(op, "name", None) in POSTERIZE:
+                op.aug_fn = _posterize
+    return transform
 
 
 def eval_transform(res: int, crop_pct: float, interpolation: str = "bicubic", crop_mode: str = "center"):
@@ -44,34 +70,66 @@ def eval_transform(res: int, crop_pct: float, interpolation: str = "bicubic", cr
 
 def train_transform(res: int, aug):
     """timm's training transform up to uint8 (random erasing and Mixup/CutMix follow on the device)."""
-    return transforms_imagenet_train(res, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=0.0,
-                                     color_jitter=aug.color_jitter or None, force_color_jitter=aug.force_color_jitter,
-                                     auto_augment=aug.rand_augment or None, interpolation=aug.train_interpolation,
-                                     re_prob=0.0, use_prefetcher=True)
+    return _with_posterize_fix(transforms_imagenet_train(
+        res, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=0.0,
+        color_jitter=aug.color_jitter or None, force_color_jitter=aug.force_color_jitter,
+        auto_augment=aug.rand_augment or None, interpolation=aug.train_interpolation, re_prob=0.0,
+        use_prefetcher=True))
+
+
+@contextlib.contextmanager
+def seeded(key: int):
+    """Python's, numpy's and torch's global RNGs (what timm's PIL transforms draw from) seeded from ``key``, and
+    restored afterwards: with num_workers=0 they are the training loop's own."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(key)
+    np.random.seed(key % 2**32)
+    torch.manual_seed(key % 2**63)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 class SeededDataset(Dataset):
-    """Runs the transform of sample i under RNGs seeded from (seed, epoch, i); restores them afterwards."""
+    """Sample i -> (uint8 CHW image tensor, or None when left out; label; [(path, reason)] of unreadable files met).
 
-    def __init__(self, dataset: ImageFolder, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+    ``replace_bad``: an unreadable file's slot takes the next readable file (training) instead of being left out."""
+
+    def __init__(self, folder: ImageFolder, seed: int, replace_bad: bool):
+        self.folder, self.seed, self.replace_bad, self.epoch = folder, seed, replace_bad, 0
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.folder.samples)
+
+    def read(self, i):
+        bad = []
+        n = len(self.folder.samples)
+        for j in itertools.chain(range(i, n), range(i)):
+            path, label = self.folder.samples[j]
+            try:
+                return self.folder.loader(path), label, bad
+            except Exception as e:  # BadImage, or whatever else a corrupt file makes a PIL plugin raise
+                bad.append((path, str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"))
+                if not self.replace_bad:
+                    return None, label, bad
+        raise DataError(f"no file under {self.folder.root} decodes as an image")
 
     def __getitem__(self, i):
-        key = int(sample_key(self.seed, self.epoch, i))
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(key)
-        np.random.seed(key % 2**32)
-        torch.manual_seed(key % 2**63)
-        try:
-            image, label = self.dataset[i]
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
-        return torch.as_tensor(np.asarray(image)), label
+        image, label, bad = self.read(i)
+        if image is not None:
+            with seeded(int(sample_key(self.seed, self.epoch, i))):
+                image = torch.as_tensor(np.asarray(self.folder.transform(image)))
+        return image, label, bad
+
+
+def collate(samples):
+    """(images stacked, or None if none is left; labels; unreadable files met), from SeededDataset samples."""
+    kept = [(x, y) for x, y, _ in samples if x is not None]
+    images = torch.stack([x for x, _ in kept]) if kept else None
+    return images, torch.tensor([y for _, y in kept], dtype=torch.int64), [b for *_, bad in samples for b in bad]
 
 
 class ShardBatchSampler(Sampler):
@@ -97,11 +155,16 @@ class FolderLoader:
                  num_workers: int = 2):
         self.train, self.batch_size, self.seed, self.shard = train, batch_size, seed, shard
         transform = train_transform(res, aug) if train else eval_transform(res, crop_pct, interpolation, crop_mode)
-        self.folder = ImageFolder(str(root), transform=transform)
-        self.dataset = SeededDataset(self.folder, seed)
+        self.folder = ImageFolder(str(root), transform=transform, loader=load_rgb)
+        self.dataset = SeededDataset(self.folder, seed, replace_bad=train)
         self.epoch, self.start_batch = 0, 0
+        self.skipped: dict[str, str] = {}  # unreadable files met by this process: path -> reason
+        # iter(DataLoader) draws its workers' base seed from this generator; left to the global one, the draw would
+        # shift the training RNG stream, and a resumed run makes it at another point than an uninterrupted one.
+        self.generator = torch.Generator()
         self.loader = DataLoader(self.dataset, batch_sampler=ShardBatchSampler(self), num_workers=num_workers,
-                                 pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                                 collate_fn=collate, generator=self.generator, pin_memory=torch.cuda.is_available(),
+                                 persistent_workers=False)
 
     @property
     def classes(self):
@@ -110,10 +173,27 @@ class FolderLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0):
         self.epoch, self.start_batch = epoch, start_batch
         self.dataset.epoch = epoch
+        # Every sample reseeds its own draws, so the workers' base seed does not reach the pixels; fixed all the same,
+        # from (seed, epoch): the key of the index one past the last sample, which no sample uses.
+        self.generator.manual_seed(int(sample_key(self.seed, epoch, len(self.dataset))) >> 1)
 
     def __len__(self):
         return batches_per_epoch(len(self.dataset), self.batch_size, self.shard, drop_last=self.train) - self.start_batch
 
     def __iter__(self):
-        for images, labels in self.loader:
-            yield images, labels.long()
+        for images, labels, bad in self.loader:
+            self._report(bad)
+            if images is not None:
+                yield images, labels
+
+    def _report(self, bad):
+        for path, reason in bad:
+            if path in self.skipped:
+                continue
+            self.skipped[path] = reason
+            n = len(self.skipped)
+            if n <= 10 or n % 100 == 0:  # a tree with thousands of broken files must not drown the log
+                rank = f"rank {self.shard.rank}: " if self.shard.world_size > 1 else ""
+                what = "each replaced by the next readable file" if self.train else "left out of evaluation"
+                print(f"warning: {rank}{self.folder.root}: skipped {n} unreadable file{'s' * (n != 1)} so far "
+                      f"({what}), e.g. {path} ({reason})", file=sys.stderr, flush=True)

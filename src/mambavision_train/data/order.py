@@ -5,7 +5,9 @@ Shared by every loader, so that a resumed run sees exactly the batches it would 
 - rank r takes every world-th sample from position r (shards are disjoint and together cover the epoch);
 - in training every rank keeps the same number of full batches (DDP needs equal step counts): the few samples
   past the last full batch, a different few each epoch, wait for the next epoch;
-- a loader can start at batch k of an epoch (resume mid-epoch).
+- a loader can start at batch k of an epoch (resume mid-epoch);
+- each sample's random draws (crop, flip, the PIL transforms) come from ``sample_key(seed, epoch, index)``, so they
+  depend neither on the worker or thread that decodes it nor on where the epoch was resumed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def _compiled(fn):
+    """numba-compiled where numba is installed (the FFCV decoder calls these from its compiled code); plain numpy
+    elsewhere, so that the fallback loader runs where FFCV and numba are not installed."""
+    try:
+        from numba import njit
+    except ImportError:
+        def plain(*args):
+            with np.errstate(over="ignore"):  # the hash wraps around by design; numpy would warn at every call
+                return fn(*args)
+        return plain
+    return njit(cache=True)(fn)
+
+
+@_compiled
+def mix64(x):
+    # splitmix64 finaliser: a good 64-bit hash, wrapping arithmetic
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@_compiled
+def sample_key(seed, epoch, index):
+    """A 64-bit key (np.uint64) for the random draws of sample ``index`` in ``epoch``: a counter-based hash."""
+    return mix64(mix64(mix64(np.uint64(seed)) + np.uint64(epoch)) + np.uint64(index))
 
 
 @dataclass(frozen=True)
