@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from imagetree import nasty_tree
-from runs import ROOT, assert_same_run, final_state, run
+from runs import ROOT, assert_same_run, faults, final_state, run
 from mambavision_train.data import AugConfig, DataConfig, DataError, build_loader, check
 
 NO_MIX = AugConfig(reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0)  # RandAugment and crops stay: CPU-side draws
@@ -114,7 +114,7 @@ def test_folder_resume_after_sigkill_is_exact(env, tmp_path, workers):
     args = [*FOLDER_RESUME, f"data.num_workers={workers}"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run("train.py", *args, f"run_dir={whole}", env=env)
-    killed = run("train.py", *args, f"run_dir={broken}", "debug.kill_at_step=4", env=env, check=False)
+    killed = run("train.py", *args, f"run_dir={broken}", env=faults(env, KILL_AT_STEP=4), check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run("train.py", *args, f"run_dir={broken}", env=env)
     assert "resumed from" in resumed.stdout and "step 4/" in resumed.stdout
