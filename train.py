@@ -2,7 +2,7 @@
 
 import hydra
 
-from mambavision_train.cli import run_main
+from mambavision_train.cli import entry, run_main
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -12,4 +12,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+from mambavision_train.config import register
+
+register()  # the config schemas and model options, for the tests that compose configs themselves
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

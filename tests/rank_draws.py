@@ -10,12 +10,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from timm.layers import DropPath
 
+from mambavision_train.config import register
 from mambavision_train.distributed import cleanup
 from mambavision_train.engine.trainer import Trainer
 from runs import ROOT
 
 
 def main(out: str, overrides: list[str]):
+    register()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         trainer = Trainer(compose("train", overrides=overrides))
     digest = hashlib.sha256()

@@ -1,25 +1,61 @@
-"""What the entry points share: known errors become one line on stderr and exit code 2, a stop on a signal exits
-with 128 + the signal's number after its checkpoint, the process group is always torn down."""
+"""What the entry points share: every bad request becomes one line on stderr and exit code 2 (a config that does
+not compose as well as a value that cannot be run), a stop on a signal exits with 128 + the signal's number after
+its checkpoint, the process group is always torn down."""
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import fields, is_dataclass
 
-from .data import DataError
-from .data.convert import ConversionError
-from .models import CheckpointError
+
+def entry(hydra_main):
+    """Run a ``@hydra.main`` function. Hydra prints its own composition errors over several lines and exits 1; with
+    HYDRA_FULL_ERROR it raises them instead, and they are reported here like any other bad request."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import register
+    register()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        return hydra_main()
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"error: {config_error(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def config_error(e: BaseException) -> str:
+    """One line that names the key (or the group option) and what is valid."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(e, MissingConfigException) and e.options is not None:
+        group, _, name = (e.missing_cfg_file or "").rpartition("/")
+        return f"{group}={name} does not exist; choose one of: {', '.join(sorted(e.options))}"
+    cause = e if isinstance(e, OmegaConfBaseException) else e.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and is_dataclass(cause.object_type):
+            valid = ", ".join(f.name for f in fields(cause.object_type))
+            return f"{cause.full_key}: no such key; {cause.object_type.__name__} has {valid}"
+        return f"{cause.full_key}: {str(cause).splitlines()[0].rstrip('.')}"
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def run_main(fn):
+    from .config import ConfigError
+    from .data import DataError
+    from .data.convert import ConversionError
     from .distributed import cleanup
     from .engine.trainer import TrainingError
+    from .models import CheckpointError
     from .preemption import Stopped
     try:
         return fn()
     except Stopped as e:  # a checkpoint was written; the scheduler brings the job back if it should
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(e.code)
-    except (TrainingError, DataError, CheckpointError, ConversionError) as e:
+    except (ConfigError, TrainingError, DataError, CheckpointError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:

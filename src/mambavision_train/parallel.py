@@ -16,9 +16,6 @@ from torch import nn
 
 from .distributed import DistInfo, convert_sync_batchnorm
 
-KINDS = ("none", "ddp", "fsdp")  # checked up front by the Trainer, before anything is built
-
-
 def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's shard on this rank (a plain tensor is its own shard)."""
     return t.to_local() if hasattr(t, "to_local") else t

@@ -16,8 +16,8 @@ from ..distributed import init_distributed
 from ..models import is_in21k, load_pretrained, paper_row, read_checkpoint
 from ..models.pretrained import resolve_source
 from ..preemption import requeue_on_timeout_signal
-from .evaluate import evaluate, variant_data_args
-from .trainer import amp_dtype, check_model_name
+from ..config import validate_eval
+from .evaluate import amp_dtype, evaluate, variant_data_args
 
 TABLE_HEAD = "| model | weights | top-1 | top-5 | paper top-1 | difference | images |\n|---|---|---|---|---|---|---|\n"
 
@@ -34,7 +34,7 @@ def load_weights(model, source, weights: str):
 
 
 def run_eval(cfg) -> dict:
-    check_model_name(cfg.model.name)
+    validate_eval(cfg)
     info = init_distributed(cfg.device)
     requeue_on_timeout_signal(info.is_main)
     data = from_config(DataConfig, cfg.data)

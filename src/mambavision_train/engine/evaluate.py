@@ -1,4 +1,5 @@
-"""Top-1 / top-5 / loss over a loader, summed over the ranks."""
+"""Top-1 / top-5 / loss over a loader, summed over the ranks; what training and eval.py share about feeding a
+variant and its precision."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ import torch.nn.functional as F
 
 from ..distributed import all_reduce_max, all_reduce_sum
 from ..parallel import is_sharded
+
+
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+AMP_NAMES = {v: k for k, v in AMP.items()}
+
+
+def amp_dtype(amp: str, device: torch.device):
+    """The autocast dtype of an ``amp`` setting (validated by the config schema); None: no autocast."""
+    return AMP["bf16" if device.type == "cuda" else "fp32"] if amp == "auto" else AMP[amp]
 
 
 def variant_data_args(model, model_cfg) -> dict:

@@ -24,16 +24,17 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from .. import recipe
+from ..config import validate_train
 from ..data import AugConfig, DataConfig, Shard, build_loader, from_config
 from ..data import check as check_data
 from ..distributed import (DistInfo, all_reduce_max, env_world_size, gather_objects, init_distributed,
                            reduce_bn_stats)
 from ..metrics import MetricsLogger
 from ..optim import build_optimizer, build_scheduler
-from ..parallel import KINDS, clip_grad_norm, grad_sync, is_sharded, parallelize
+from ..parallel import clip_grad_norm, grad_sync, is_sharded, parallelize
 from ..preemption import StopSignals
 from .ema import EMA
-from .evaluate import evaluate, variant_data_args
+from .evaluate import AMP_NAMES, amp_dtype, evaluate, variant_data_args
 from .mesa import mesa_active, mesa_loss
 
 
@@ -56,54 +57,15 @@ class TrainState:
 RESUMABLE_CHANGES = {"micro_batch_size", "amp", "model.crop_pct"}
 
 
-def check_model_name(name: str):
-    if not (name.startswith("mambavision") and timm.is_model(name)):
-        names = ", ".join(timm.list_models("mambavision*"))
-        raise TrainingError(f"unknown model {name!r}; choose one of {names}")
-
-
-def micro_batching(batch_size: int, micro_batch_size: int, world: int) -> int:
-    """Optimizer-step batch = micro_batch_size x world size x accumulation steps."""
-    per_step = micro_batch_size * world
-    if batch_size % per_step:
-        raise TrainingError(f"batch_size={batch_size} is not a multiple of micro_batch_size ({micro_batch_size}) x "
-                            f"world size ({world}) = {per_step}; change batch_size or micro_batch_size")
-    return batch_size // per_step
-
-
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-AMP_NAMES = {v: k for k, v in AMP.items()}
-
-
-def amp_dtype(amp: str, device: torch.device):
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "fp32"
-    if amp not in AMP:
-        raise TrainingError(f"amp={amp!r}: choose auto, {', '.join(AMP)}")
-    return AMP[amp]
-
-
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         # Everything that can be wrong with the request fails here, before any expensive work.
-        check_model_name(cfg.model.name)
-        amp_dtype(cfg.amp, torch.device("cpu"))
-        if cfg.nan_policy not in ("stop", "skip"):
-            raise TrainingError(f"nan_policy={cfg.nan_policy!r}: choose stop or skip")
-        if cfg.dist.kind not in KINDS:
-            raise TrainingError(f"dist={cfg.dist.kind!r}: choose {', '.join(KINDS)}")
-        if cfg.dist.kind == "fsdp" and cfg.amp == "fp16":
-            raise TrainingError("amp=fp16 with dist=fsdp is not supported (GradScaler does not see other ranks' "
-                                "shards); use amp=bf16")
-        self.accum = micro_batching(cfg.batch_size, cfg.micro_batch_size, env_world_size())
+        self.accum = validate_train(cfg, env_world_size())
         self.data_cfg, self.aug_cfg = from_config(DataConfig, cfg.data), from_config(AugConfig, cfg.aug)
         for split in (self.data_cfg.train_split, self.data_cfg.val_split):
             check_data(self.data_cfg, split)
         self.dist: DistInfo = init_distributed(cfg.device)
-        if cfg.dist.kind == "none" and self.dist.distributed:
-            raise TrainingError(f"dist=none with {self.dist.world_size} processes would train {self.dist.world_size} "
-                                f"independent models; use dist=ddp or dist=fsdp")
         self.stops, self.stopping = StopSignals(self.dist.device, self.dist.is_main), None
         self.run_dir = Path(cfg.run_dir)
         self.dtype = amp_dtype(cfg.amp, self.dist.device)
@@ -144,7 +106,7 @@ class Trainer:
                                                keep_last_n=cfg.checkpoint.keep_last_n)
         self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg.logger, self.dist.is_main,
-                                    OmegaConf.to_container(cfg, resolve=True), run_id=self.state.wandb_id,
+                                    OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), run_id=self.state.wandb_id,
                                     name=cfg.run_name)
         self.state.wandb_id = self.logger.run_id
 
