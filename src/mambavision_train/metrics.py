@@ -1,6 +1,6 @@
 """Where metrics go, on rank 0 only: W&B (online, offline or disabled), metrics.jsonl in the run directory, and
 one greppable console line per log. The W&B run id is kept in checkpoints, so a resumed run continues the same run
-with larger steps."""
+with larger steps. ``Throughput`` measures what those lines report about speed."""
 
 from __future__ import annotations
 
@@ -46,3 +46,36 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+class Throughput:
+    """Images per second and the fraction of time spent waiting for data since the last report, and the time left
+    for the whole run (not only the epoch) at the pace this process has kept so far, validation included."""
+
+    def __init__(self, images_per_step: int, total_steps: int, done_steps: int):
+        self.images_per_step, self.total, self.first = images_per_step, total_steps, done_steps
+        self.done, self.steps, self.wait = done_steps, 0, 0.0
+        self.t0 = self.t_last = time.perf_counter()
+
+    def waited(self, seconds: float):
+        self.wait += seconds
+
+    def step(self):
+        self.steps += 1
+        self.done += 1
+
+    def report(self) -> dict:
+        now = time.perf_counter()
+        dt = max(now - self.t_last, 1e-9)
+        per_step = (now - self.t0) / max(self.done - self.first, 1)
+        out = {"img_per_s": self.images_per_step * self.steps / dt, "data_wait_frac": self.wait / dt,
+               "eta_s": per_step * max(self.total - self.done, 0)}
+        self.t_last, self.steps, self.wait = now, 0, 0.0
+        return out
+
+
+def duration(seconds: float) -> str:
+    """1d 02:03:04 / 02:03:04: greppable and sortable."""
+    days, rest = divmod(int(seconds), 86400)
+    h, rest = divmod(rest, 3600)
+    return (f"{days}d " if days else "") + f"{h:02d}:{rest // 60:02d}:{rest % 60:02d}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..data import AugConfig, DataConfig, Shard, build_loader, from_config
 from ..data import check as check_data
 from ..distributed import (DistInfo, all_reduce_max, env_world_size, gather_objects, init_distributed,
                            reduce_bn_stats)
-from ..metrics import MetricsLogger
+from ..metrics import MetricsLogger, Throughput, duration
 from ..optim import build_optimizer, build_scheduler
 from ..parallel import clip_grad_norm, grad_sync, is_sharded, parallelize
 from ..preemption import StopSignals
@@ -73,7 +74,7 @@ class Trainer:
             recipe.announce(cfg, self.run_dir, world_size=self.dist.world_size, accumulation=self.accum,
                             amp=AMP_NAMES[self.dtype], device=str(self.dist.device))
         self.state = TrainState()
-        self.data_wait = 0.0  # seconds spent waiting for batches since the last log line
+        self.live = self.dist.is_main and cfg.progress and sys.stdout.isatty()  # progress bars, else log lines
         self._seed(cfg.seed)  # the same initial weights on every rank
         self.model = self.build_model()
         # Then every rank draws its own augmentation and DropPath (timm's random_seed(seed, rank), as the official
@@ -109,6 +110,8 @@ class Trainer:
                                     OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), run_id=self.state.wandb_id,
                                     name=cfg.run_name)
         self.state.wandb_id = self.logger.run_id
+        total = self.total_epochs * self.steps_per_epoch
+        self.meter = Throughput(cfg.batch_size, min(total, cfg.max_steps or total), self.state.global_step)
 
     # ------------------------------------------------------------------------------------------------- build
     def _seed(self, seed):
@@ -282,7 +285,7 @@ class Trainer:
         for i in range(self.accum):
             t0 = time.perf_counter()
             images, labels = next(batches)
-            self.data_wait += time.perf_counter() - t0
+            self.meter.waited(time.perf_counter() - t0)
             x, y = self.train_aug(images, labels)
             with grad_sync(self.wrapped, i == self.accum - 1):
                 with self.autocast():
@@ -334,34 +337,20 @@ class Trainer:
         self.train_model.train()
         self.train_loader.set_epoch(st.epoch, start_batch=st.step * self.accum)
         batches = iter(self.train_loader)
+        # A bar on a terminal; where nobody watches one (SLURM, nohup, a pipe) the periodic lines below instead.
         bar = tqdm(total=self.steps_per_epoch, initial=st.step, desc=f"epoch {st.epoch}", unit="step",
-                   disable=not (self.dist.is_main and cfg.progress), dynamic_ncols=True, leave=False)
-        images_per_step = cfg.batch_size
-        t_epoch = t_last = time.perf_counter()
-        self.data_wait, since = 0.0, 0  # seconds waiting for data, steps since the last log line
+                   disable=not self.live, dynamic_ncols=True, leave=False)
+        t_epoch = time.perf_counter()
         while st.step < self.steps_per_epoch:
             self.scheduler.step_update(st.global_step + 1)  # the official schedule: lr of update k is sched(k)
             out = self.train_step(batches)
             st.step += 1
             st.global_step += 1
-            since += 1
+            self.meter.step()
             bar.update(1)
-            rate = bar.format_dict.get("rate")
-            bar.set_postfix(loss=f"{out['loss']:.3f}", img_s=f"{images_per_step * rate:.0f}" if rate else "-")
+            bar.set_postfix(loss=f"{out['loss']:.3f}")
             if st.global_step % cfg.log_every == 0 or st.step == self.steps_per_epoch:
-                now = time.perf_counter()
-                metrics = {"train/loss": out["loss"], "train/grad_norm": out["grad_norm"],
-                           "train/lr": self.optimizer.param_groups[0]["lr"],
-                           "train/img_per_s": images_per_step * since / max(now - t_last, 1e-9),
-                           "train/data_wait_frac": self.data_wait / max(now - t_last, 1e-9), "train/epoch": st.epoch,
-                           "train/skipped_steps": st.skipped_steps}
-                if torch.cuda.is_available():
-                    metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                self.logger.log(metrics, st.global_step, console=(
-                    f"train epoch {st.epoch} step {st.step}/{self.steps_per_epoch} global {st.global_step} "
-                    f"loss {out['loss']:.4f} lr {metrics['train/lr']:.3e} img/s {metrics['train/img_per_s']:.1f}"
-                ) if not cfg.progress else None)
-                t_last, self.data_wait, since = now, 0.0, 0
+                self.log_train(out)
             if cfg.checkpoint.every_n_steps and st.global_step % cfg.checkpoint.every_n_steps == 0 \
                     and st.step < self.steps_per_epoch:
                 self.save(tag=f"step_{st.global_step}" if cfg.checkpoint.keep_steps else None)
@@ -371,8 +360,21 @@ class Trainer:
         bar.close()
         return time.perf_counter() - t_epoch
 
+    def log_train(self, out: dict):
+        st, speed = self.state, self.meter.report()
+        metrics = {"train/loss": out["loss"], "train/grad_norm": out["grad_norm"],
+                   "train/lr": self.optimizer.param_groups[0]["lr"], "train/img_per_s": speed["img_per_s"],
+                   "train/data_wait_frac": speed["data_wait_frac"], "train/epoch": st.epoch,
+                   "train/skipped_steps": st.skipped_steps}
+        if torch.cuda.is_available():
+            metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.logger.log(metrics, st.global_step, console=None if self.live else (
+            f"train epoch {st.epoch} step {st.step}/{self.steps_per_epoch} global {st.global_step} "
+            f"loss {out['loss']:.4f} lr {metrics['train/lr']:.3e} img/s {speed['img_per_s']:.1f} "
+            f"data {100 * speed['data_wait_frac']:.0f}% eta {duration(speed['eta_s'])}"))
+
     def validate(self) -> dict:
-        progress = (lambda it: tqdm(it, desc="val", leave=False, disable=not (self.dist.is_main and self.cfg.progress)))
+        progress = (lambda it: tqdm(it, desc="val", leave=False, disable=not self.live))
         reduce_bn_stats(self.model)
         out = {f"val/{k}": v for k, v in evaluate(self.model, self.val_loader, self.val_aug, self.autocast,
                                                   progress).items() if k != "count"}
