@@ -181,3 +181,21 @@ def test_count_flops_on_a_real_model_leaves_it_untouched():
     assert flops.macs == 2 * single.macs and flops.scan_macs == 2 * single.scan_macs
     # The demo's stage-4 Mamba block at 64 px: one 2x2 window of 4 tokens, d = 128, 8 states.
     assert single.scan_macs == (3 * 64 * 16 * 8 + 64 * 16) + (3 * 128 * 4 * 8 + 128 * 4)
+
+
+def test_family_table_as_markdown():
+    """`python -m mambavision_train.models --markdown`: the header, its separator and one row per variant, with the
+    measured counts in their columns."""
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "mambavision_train.models", "--markdown"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    head, rule, *body = res.stdout.strip().splitlines()
+    head, *body = [line.strip("| ").split(" | ") for line in (head, *body)]
+    assert head[:3] == ["model", "res", "eval crop"] and rule == "|" + "---|" * len(head)
+    rows = {cells[0]: cells for cells in body}
+    assert list(rows) == list(PAPER)
+    assert rows["mambavision_t"][3] == rows["mambavision_t"][4] == "31,794,248"
+    assert rows["mambavision_l2_512"][1:4] == ["512", "0.93 squash", "241,554,824"]
+    assert rows["mambavision_l3_256"][3] == "739,570,472"

@@ -103,7 +103,8 @@ def test_requeue_and_preemption_resume_to_identical_weights(cluster, job_env, tm
     cluster.out(["scancel", cid])
     # Preempt only once the requeued run is training again (its signal handlers are in place).
     text = wait_for(out, r"resumed from[\s\S]*^train epoch")
-    urgent = cluster.sbatch("-p", "urgent", "-w", "n1", "-c", "2", "--wrap", "sleep 1", env=job_env)
+    urgent = cluster.sbatch("-p", "urgent", "-w", "n1", "-c", "2", f"--output={tmp_path / 'urgent.out'}", "--wrap",
+                            "sleep 1", env=job_env)
     [job] = cluster.wait(jid, 300)
     text = out.read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "2", text[-3000:]

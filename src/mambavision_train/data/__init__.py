@@ -7,6 +7,7 @@ Every loader yields (uint8 images (B, 3, H, W), int64 labels), has ``set_epoch(e
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -45,6 +46,18 @@ class DataError(RuntimeError):
     """Data that is missing or not prepared: the message says how to prepare it."""
 
 
+FFCV_EXTRA = "pip install 'mambavision-train[ffcv]' (docs/data.md)"
+
+
+def ffcv_installed() -> bool:
+    """Whether the ffcv extra is installed, found without importing it: importing FFCV sets torch's thread count
+    (ffcv.pipeline.compiler), which a run that never reads a .beton must not see."""
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in ("ffcv", "numba"))
+    except ImportError:  # an import hook that refuses the name: as good as not installed
+        return False
+
+
 HOW_TO_PREPARE = ("prepare ImageNet with `python -m mambavision_train.data.convert /path/to/imagenet /path/to/ffcv` "
                   "(docs/data.md), or run the demo on bundled data: python train.py experiment=demo")
 
@@ -55,9 +68,12 @@ def check(cfg: DataConfig, split: str) -> Path | None:
         raise DataError(f"unknown data.kind {cfg.kind!r}; choose one of {', '.join(KINDS)}")
     if cfg.kind == "synthetic":
         return None
+    if cfg.kind == "ffcv" and not ffcv_installed():
+        instead = "data.kind=folder" if cfg.prepare else "data=imagenet_folder"
+        raise DataError(f"data.kind=ffcv needs the ffcv extra: {FFCV_EXTRA}, or use {instead}")
     if cfg.prepare == "digits":
         from . import digits
-        digits.prepare(cfg.root)
+        digits.prepare(cfg.root, beton=cfg.kind == "ffcv")
     if not cfg.root:
         raise DataError(f"data.root is not set: point it at your data, or {HOW_TO_PREPARE}")
     root = Path(cfg.root).expanduser()
@@ -67,6 +83,7 @@ def check(cfg: DataConfig, split: str) -> Path | None:
             if not root.exists():
                 raise DataError(f"data.root={root} does not exist; {HOW_TO_PREPARE}")
             raise DataError(f"{path} not found: data.root must hold FFCV files; {HOW_TO_PREPARE}")
+        from .ffcv_loader import beton_num_labels
         labels = beton_num_labels(path)
         if labels > cfg.num_classes:
             raise DataError(f"{path} has labels up to {labels - 1} but data.num_classes={cfg.num_classes}; set "
@@ -84,14 +101,6 @@ def check(cfg: DataConfig, split: str) -> Path | None:
         raise DataError(f"{path} has {classes} class folders but data.num_classes={cfg.num_classes}; set "
                         f"data.num_classes={classes}")
     return path
-
-
-def beton_num_labels(path) -> int:
-    """The number of labels a .beton uses (its largest label + 1), from its metadata table alone: no image is read."""
-    from ffcv.reader import Reader
-    reader = Reader(str(path))
-    column = reader.metadata[f"f{reader.field_names.index('label')}"]  # FFCV names metadata columns by position
-    return int(column.max()) + 1 if len(column) else 0
 
 
 def build_loader(cfg: DataConfig, aug: AugConfig | None, *, train: bool, batch_size: int, res: int,

@@ -30,6 +30,7 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
+from . import FFCV_EXTRA, ffcv_installed
 from .images import BadImage, load_rgb
 
 
@@ -222,6 +223,9 @@ def convert_split(src: Path, out: Path, split: str, opts: ConvertOptions) -> dic
 
 
 def convert(src, out, splits=("train", "val"), opts: ConvertOptions | None = None) -> list[dict]:
+    if not ffcv_installed():  # before the decode pass: hours on ImageNet, for a writer that cannot run
+        raise ConversionError(f"the converter writes FFCV files and needs the ffcv extra: {FFCV_EXTRA}; or train "
+                              "on the image folders as they are with data=imagenet_folder")
     src, out, opts = Path(src), Path(out), opts or ConvertOptions()  # built per call: the worker count reads the env
     missing = [s for s in splits if not (src / s).is_dir()]
     if missing:

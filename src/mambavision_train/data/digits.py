@@ -1,7 +1,7 @@
 """The bundled demo data: scikit-learn's 1,797 real 8x8 handwritten digits as a small ImageNet look-alike.
 
-On first use, written as an ImageFolder tree of upsampled RGB PNGs with a fixed stratified 80/20 split, then
-converted to .beton files by the same converter as ImageNet; both stay in a cache folder.
+On first use, written as an ImageFolder tree of upsampled RGB PNGs with a fixed stratified 80/20 split and, for
+data.kind=ffcv, converted to .beton files by the same converter as ImageNet; both stay in a cache folder.
 """
 
 from __future__ import annotations
@@ -47,15 +47,16 @@ def build_folder(root: Path) -> Path:
     return images
 
 
-def prepare(root: str | os.PathLike | None = None, workers: int = 2) -> Path:
-    """Build the digits ImageFolder and its .beton files under ``root`` if missing; returns ``root``."""
+def prepare(root: str | os.PathLike | None = None, workers: int = 2, beton: bool = True) -> Path:
+    """Build the digits ImageFolder under ``root`` if missing, and its .beton files too with ``beton`` (they need
+    the ffcv extra; data.kind=folder reads the ImageFolder alone); returns ``root``."""
     from .convert import ConvertOptions, convert
     root = Path(root) if root else default_root()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # every rank of a first distributed run gets here: one builds, the rest wait
         images = build_folder(root)
-        if not all((root / f"{s}.beton").exists() for s in ("train", "val")):
+        if beton and not all((root / f"{s}.beton").exists() for s in ("train", "val")):
             import torch
             threads = torch.get_num_threads()
             convert(images, root, ("train", "val"), ConvertOptions(max_side=SIZE, quality=95, workers=workers,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 
 import numpy as np
@@ -37,7 +38,7 @@ def _opencv_c_api():
     """cvInitMatHeader and cvResize from the OpenCV libraries FFCV itself is linked with."""
     paths = {}
     try:
-        with open("/proc/self/maps") as f:  # ffcv.libffcv is imported above, so its OpenCV is mapped
+        with open("/proc/self/maps") as f:  # ffcv.libffcv is imported at the top, so its OpenCV is mapped
             for line in f:
                 path = line.split()[-1]
                 for lib in ("libopencv_core", "libopencv_imgproc"):
@@ -54,9 +55,6 @@ def _opencv_c_api():
     resize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     resize.restype = None
     return init, resize
-
-
-cv_init_mat_header, cv_resize = _opencv_c_api()
 
 
 @njit(cache=True)
@@ -110,27 +108,36 @@ def dct_scale(crop_h, crop_w, out_h, out_w):
     return 8
 
 
-@njit(cache=False)
-def _cv_resize(src, top, left, h, w, dst, interpolation):
-    """OpenCV resize of the box (top, left, h, w) of the HxWx3 uint8 image ``src`` into ``dst``."""
-    src_hdr, dst_hdr = np.empty(8, np.uint64), np.empty(8, np.uint64)  # CvMat headers (40 bytes)
-    row = src.shape[1] * 3
-    cv_init_mat_header(src_hdr.ctypes.data, h, w, CV_8UC3, src.ctypes.data + top * row + left * 3, row)
-    cv_init_mat_header(dst_hdr.ctypes.data, dst.shape[0], dst.shape[1], CV_8UC3, dst.ctypes.data, dst.shape[1] * 3)
-    cv_resize(src_hdr.ctypes.data, dst_hdr.ctypes.data, interpolation)
+@functools.cache
+def _resize_box():
+    """``resize_box``, compiled against OpenCV's C entry points, which are looked up here, on first use: importing
+    this module loads no native symbols. Numba bakes the entry points into the machine code as constants, exactly as
+    it would module-level ones."""
+    cv_init_mat_header, cv_resize = _opencv_c_api()
 
+    @njit(cache=False)  # not cached on disk: the baked-in addresses are only valid in this process
+    def cv_resize_box(src, top, left, h, w, dst, interpolation):
+        """OpenCV resize of the box (top, left, h, w) of the HxWx3 uint8 image ``src`` into ``dst``."""
+        src_hdr, dst_hdr = np.empty(8, np.uint64), np.empty(8, np.uint64)  # CvMat headers (40 bytes)
+        row = src.shape[1] * 3
+        cv_init_mat_header(src_hdr.ctypes.data, h, w, CV_8UC3, src.ctypes.data + top * row + left * 3, row)
+        cv_init_mat_header(dst_hdr.ctypes.data, dst.shape[0], dst.shape[1], CV_8UC3, dst.ctypes.data,
+                           dst.shape[1] * 3)
+        cv_resize(src_hdr.ctypes.data, dst_hdr.ctypes.data, interpolation)
 
-@njit(cache=False)
-def resize_box(src, top, left, h, w, dst):
-    """Antialiased resize, fast: integer-factor box filter (OpenCV's INTER_AREA fast path), then INTER_LINEAR by
-    less than 2x (PIL's reducing_gap strategy). Drops < factor pixels at the crop's bottom/right edge."""
-    fy, fx = max(1, h // dst.shape[0]), max(1, w // dst.shape[1])
-    if fy == 1 and fx == 1:
-        _cv_resize(src, top, left, h, w, dst, INTER_LINEAR)
-        return
-    reduced = np.empty((h // fy, w // fx, 3), np.uint8)
-    _cv_resize(src, top, left, (h // fy) * fy, (w // fx) * fx, reduced, INTER_AREA)
-    _cv_resize(reduced, 0, 0, reduced.shape[0], reduced.shape[1], dst, INTER_LINEAR)
+    @njit(cache=False)
+    def resize_box(src, top, left, h, w, dst):
+        """Antialiased resize, fast: integer-factor box filter (OpenCV's INTER_AREA fast path), then INTER_LINEAR
+        by less than 2x (PIL's reducing_gap strategy). Drops < factor pixels at the crop's bottom/right edge."""
+        fy, fx = max(1, h // dst.shape[0]), max(1, w // dst.shape[1])
+        if fy == 1 and fx == 1:
+            cv_resize_box(src, top, left, h, w, dst, INTER_LINEAR)
+            return
+        reduced = np.empty((h // fy, w // fx, 3), np.uint8)
+        cv_resize_box(src, top, left, (h // fy) * fy, (w // fx) * fx, reduced, INTER_AREA)
+        cv_resize_box(reduced, 0, 0, reduced.shape[0], reduced.shape[1], dst, INTER_LINEAR)
+
+    return resize_box
 
 
 @njit(cache=True)
@@ -175,6 +182,7 @@ class CropResizeDecoder(ResizedCropRGBImageDecoder):
         resize_to = float(math.floor(min(out_h, out_w) / self.crop_pct))
         dct = self.dct_scaling
         state_addr = self.state.ctypes.data
+        resize_box = _resize_box()
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import Loader
+from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import Squeeze, ToTensor
 
 from .ffcv_decoder import CropResizeDecoder
 from .order import Shard, batches_per_epoch, rank_indices
+
+
+def beton_num_labels(path) -> int:
+    """The number of labels a .beton uses (its largest label + 1), from its metadata table alone: no image is read."""
+    reader = Reader(str(path))
+    column = reader.metadata[f"f{reader.field_names.index('label')}"]  # FFCV names metadata columns by position
+    return int(column.max()) + 1 if len(column) else 0
 
 
 class _ShardOrder(TraversalOrder):
@@ -43,7 +51,6 @@ class FFCVLoader:
                  crop_mode: str = "center", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
                  seed: int = 0, shard: Shard = Shard(), num_workers: int = 2, os_cache: bool = True,
                  dct_scaling: bool = True):
-        from ffcv.reader import Reader
         self.path, self.train, self.batch_size, self.seed, self.shard = str(path), train, batch_size, seed, shard
         self.num_samples = int(Reader(self.path).num_samples)  # numpy uint64 in FFCV: keep arithmetic signed
         self.epoch, self.start_batch = 0, 0

@@ -1,6 +1,8 @@
 """Print the MambaVision family table: measured parameters and MACs beside the paper's figures.
 
     python -m mambavision_train.models [--markdown]
+
+Aligned plain text by default; ``--markdown`` prints the table as docs/models.md has it.
 """
 
 import argparse
@@ -9,6 +11,9 @@ import timm
 import torch
 
 from . import PAPER, count_flops
+
+HEAD = ["model", "res", "eval crop", "params (ours)", "params (paper)", "GMACs (ours)", "GMACs (paper)",
+        "+attn GMACs", "+scan GMACs", "paper top-1", "weights (Hugging Face repo / file)"]
 
 
 def rows():
@@ -19,23 +24,36 @@ def rows():
         cfg = model.pretrained_cfg
         res = cfg["input_size"][1]
         flops = count_flops(model, res)
-        yield dict(model=key, res=res, crop_pct=cfg["crop_pct"], params=sum(p.numel() for p in model.parameters()),
-                   gmacs=flops.gmacs, attn=flops.attention_macs / 1e9, scan=flops.scan_macs / 1e9,
-                   paper_params=paper["params"], paper_gmacs=paper["gmacs"], top1=paper["top1"],
-                   weights=f"{cfg['hf_hub_id']}/{cfg['hf_hub_filename']}")
+        yield dict(model=key, res=res, crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"],
+                   params=sum(p.numel() for p in model.parameters()), gmacs=flops.gmacs,
+                   attn=flops.attention_macs / 1e9, scan=flops.scan_macs / 1e9, paper_params=paper["params"],
+                   paper_gmacs=paper["gmacs"], top1=paper["top1"],
+                   weights=f"{cfg['hf_hub_id']} / {cfg['hf_hub_filename']}")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.parse_args()
-    head = ["model", "res", "crop", "params (ours)", "params (paper)", "GMACs (ours)", "GMACs (paper)",
-            "+attn GMACs", "+scan GMACs", "paper top-1", "weights (Hugging Face)"]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows():
-        print(f"| {r['model']} | {r['res']} | {r['crop_pct']} | {r['params']:,} | {r['paper_params']:,} | "
-              f"{r['gmacs']:.2f} | {r['paper_gmacs']} | {r['attn']:.3f} | {r['scan']:.4f} | {r['top1']} | "
-              f"{r['weights']} |")
+def cells(r) -> list[str]:
+    crop = f"{r['crop_pct']}" + (" squash" if r["crop_mode"] == "squash" else "")
+    return [r["model"], str(r["res"]), crop, f"{r['params']:,}", f"{r['paper_params']:,}", f"{r['gmacs']:.2f}",
+            str(r["paper_gmacs"]), f"{r['attn']:.3f}", f"{r['scan']:.4f}", str(r["top1"]), r["weights"]]
+
+
+def markdown(table) -> str:
+    head, *body = table
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(row) + " |" for row in body)])
+
+
+def text(table) -> str:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m mambavision_train.models", description=__doc__.splitlines()[0])
+    ap.add_argument("--markdown", action="store_true", help="a markdown table (docs/models.md) instead of plain text")
+    args = ap.parse_args(argv)
+    table = [HEAD, *map(cells, rows())]
+    print(markdown(table) if args.markdown else text(table))
 
 
 if __name__ == "__main__":
