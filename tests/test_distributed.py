@@ -75,7 +75,6 @@ def test_each_rank_draws_its_own_augmentation_and_drop_path_from_identical_weigh
     """2 gloo ranks, the paper augmentation: the same initial weights on both, then (seed + rank, as the official
     code) a Mixup/CutMix lambda and DropPath masks of their own in the same step."""
     import json
-    import sys
     from runs import ROOT
     out = tmp_path / "draws"
     run(str(ROOT / "tests" / "rank_draws.py"), str(out), "experiment=demo", "aug=paper", "aug.hflip=0.0",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import ONE_STEP, ROOT, assert_same, assert_same_run, faults, final_state, run, torchrun
+from runs import ONE_STEP, ROOT, assert_same_run, faults, final_state, run, torchrun
 from slurm_cluster import LocalSlurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

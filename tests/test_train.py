@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from runs import ONE_STEP, faults, ROOT, assert_same, assert_same_run, final_state, run
+from runs import ONE_STEP, ROOT, assert_same_run, faults, final_state, run
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
 

@@ -47,6 +47,7 @@ def run_main(fn):
     from .data import DataError
     from .data.convert import ConversionError
     from .distributed import cleanup
+    from .engine.resume import ResumeError
     from .engine.trainer import TrainingError
     from .models import CheckpointError
     from .preemption import Stopped
@@ -55,7 +56,7 @@ def run_main(fn):
     except Stopped as e:  # a checkpoint was written; the scheduler brings the job back if it should
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(e.code)
-    except (ConfigError, TrainingError, DataError, CheckpointError, ConversionError) as e:
+    except (ConfigError, TrainingError, ResumeError, DataError, CheckpointError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:

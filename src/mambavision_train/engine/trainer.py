@@ -37,6 +37,7 @@ from ..preemption import StopSignals
 from .ema import EMA
 from .evaluate import AMP_NAMES, amp_dtype, evaluate, variant_data_args
 from .mesa import mesa_active, mesa_loss
+from .resume import checkpoints_to_try, load_first_good
 
 
 class TrainingError(RuntimeError):
@@ -52,10 +53,6 @@ class TrainState:
     best_epoch: int = -1
     skipped_steps: int = 0
     wandb_id: str | None = None  # the W&B step is global_step
-
-
-# Settings a run may change when it resumes without resume_allow_changes: they do not change what is trained.
-RESUMABLE_CHANGES = {"micro_batch_size", "amp", "model.crop_pct"}
 
 
 class Trainer:
@@ -107,8 +104,8 @@ class Trainer:
                                                keep_last_n=cfg.checkpoint.keep_last_n)
         self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg.logger, self.dist.is_main,
-                                    OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), run_id=self.state.wandb_id,
-                                    name=cfg.run_name)
+                                    OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                                    run_id=self.state.wandb_id, name=cfg.run_name)
         self.state.wandb_id = self.logger.run_id
         total = self.total_epochs * self.steps_per_epoch
         self.meter = Throughput(cfg.batch_size, min(total, cfg.max_steps or total), self.state.global_step)
@@ -189,24 +186,12 @@ class Trainer:
             raise TrainingError(str(e)) from None
 
     def resume(self):
-        mode = str(self.cfg.resume)
-        if mode == "never":
+        paths = checkpoints_to_try(self.run_dir, str(self.cfg.resume))
+        if not paths:
             return
-        if mode == "auto":
-            found = ckpt.candidates(self.run_dir)
-            if not found:
-                if ckpt.has_files(self.run_dir):
-                    raise TrainingError(f"{self.run_dir / 'checkpoints'} holds files but no checkpoint; move them away "
-                                        f"or set run_dir to a new folder")
-                return
-        else:
-            found = [Path(mode)]
-            if not found[0].exists():
-                raise TrainingError(f"resume={mode}: no checkpoint at {found[0]}")
-        path, state, failed, allowed = self.load_first_good(found)
-        if state is None:
-            raise TrainingError(f"no checkpoint in {self.run_dir / 'checkpoints'} loads ({failed[-1][0].name}: "
-                                f"{failed[-1][1]}); resume=PATH picks one, run_dir=NEW starts over")
+        modules = [self.model] + ([self.ema.module] if self.ema else [])
+        path, state, failed, allowed = load_first_good(self.checkpoints, paths, self.cfg, self.dist.world_size,
+                                                       modules, self.dist.device)
         if failed and self.dist.is_main:
             print(f"warning: skipped {', '.join(f'{p.name} ({why})' for p, why in failed)}; resuming from the newest "
                   f"checkpoint that loads: {path}", flush=True)
@@ -225,53 +210,6 @@ class Trainer:
         if self.dist.is_main:
             print(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step}/{self.steps_per_epoch}, "
                   f"global step {self.state.global_step}", flush=True)
-
-    def load_first_good(self, paths):
-        """(path, meta, failures, changes allowed) of the first checkpoint that loads and holds finite weights; every
-        rank makes the same choice. A checkpoint of another run stops the resume instead of being skipped."""
-        failed, modules = [], [self.model] + ([self.ema.module] if self.ema else [])
-
-        def attempt(step, *args):
-            try:
-                return step(*args), None
-            except ckpt.CheckpointMismatch as e:
-                raise TrainingError(str(e)) from None
-            except Exception as e:  # truncated, dangling link, foreign file: try the next one
-                return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}".rstrip(": ")
-
-        def everywhere(ok: bool) -> bool:
-            return not all_reduce_max(torch.tensor([int(not ok)], device=self.dist.device)).item()
-
-        for path in paths:
-            state, why = attempt(self.checkpoints.read, path)
-            if everywhere(why is None):
-                allowed = self.check_same_run(state, path)
-                _, why = attempt(self.checkpoints.restore, path, state)
-                if everywhere(why is None):
-                    if ckpt.finite(modules, self.dist.device):
-                        return path, state, failed, allowed
-                    why = "non-finite weights"
-            failed.append((path, why or "unreadable on another rank"))
-        return None, None, failed, False
-
-    def check_same_run(self, state, path) -> bool:
-        """Refuse a resume that would silently mix two runs: returns whether changes were allowed (and made)."""
-        stored = OmegaConf.create(state["config"])
-        changed = [(k, a, b) for k, b, a in recipe.differences(self.cfg, stored) if k not in RESUMABLE_CHANGES]
-        world = state["world_size"] != self.dist.world_size
-        if not (changed or world):
-            return False
-        what = "; ".join([f"{k} {a} -> {b}" for k, a, b in changed] +
-                         ([f"world size {state['world_size']} -> {self.dist.world_size}"] if world else []))
-        if not self.cfg.resume_allow_changes:
-            raise TrainingError(f"{path} is another run: {what}. Use a new run_dir, or resume_allow_changes=true to "
-                                f"continue this one with the new values")
-        if self.dist.is_main:
-            print(f"warning: resuming {path} with changes ({what}): applied from global step "
-                  f"{state['state']['global_step']} on" + ("; not bit-exact: the per-rank random generators cannot "
-                                                           "move to another number of ranks" if world else ""),
-                  flush=True)
-        return bool(changed)
 
     # ------------------------------------------------------------------------------------------------ steps
     def train_step(self, batches) -> dict:

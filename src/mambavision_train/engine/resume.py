@@ -1,0 +1,90 @@
+"""Which checkpoint a run continues from, and whether it may.
+
+``resume=auto`` takes the newest checkpoint of the run that loads and holds finite weights (a truncated ``last``, a
+deleted one or a dangling ``last.dcp`` fall back to ``previous``, a step copy or ``best``), and every rank makes the
+same choice. A checkpoint of another run (another recipe, model or world size) is refused rather than skipped,
+unless ``resume_allow_changes`` says the change is meant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .. import checkpoint as ckpt
+from ..distributed import all_reduce_max
+from ..recipe import differences
+
+# Settings a run may change when it resumes without resume_allow_changes: they do not change what is trained.
+RESUMABLE_CHANGES = {"micro_batch_size", "amp", "model.crop_pct"}
+
+
+class ResumeError(RuntimeError):
+    """No checkpoint to continue from, or one that belongs to another run: the message says what to do."""
+
+
+def checkpoints_to_try(run_dir: Path, resume: str) -> list[Path]:
+    """The checkpoints ``resume`` names, newest first; empty when a run starts from scratch."""
+    if resume == "never":
+        return []
+    if resume != "auto":
+        if not Path(resume).exists():
+            raise ResumeError(f"resume={resume}: no checkpoint at {resume}")
+        return [Path(resume)]
+    found = ckpt.candidates(run_dir)
+    if not found and ckpt.has_files(run_dir):
+        raise ResumeError(f"{run_dir / 'checkpoints'} holds files but no checkpoint; move them away or set run_dir to "
+                          f"a new folder")
+    return found
+
+
+def load_first_good(checkpoints: ckpt.RunCheckpoints, paths, cfg, world_size: int, modules, device):
+    """Restore the first of ``paths`` that loads and holds finite weights, on every rank.
+
+    Returns (path, meta, [(skipped path, why)], whether changes were allowed)."""
+    failed = []
+
+    def attempt(step, *args):
+        try:
+            return step(*args), None
+        except ckpt.CheckpointMismatch as e:
+            raise ResumeError(str(e)) from None
+        except Exception as e:  # truncated, dangling link, foreign file: try the next one
+            return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}".rstrip(": ")
+
+    def everywhere(ok: bool) -> bool:
+        return not all_reduce_max(torch.tensor([int(not ok)], device=device)).item()
+
+    for path in paths:
+        state, why = attempt(checkpoints.read, path)
+        if everywhere(why is None):
+            allowed = check_same_run(cfg, state, path, world_size, checkpoints.is_main)
+            _, why = attempt(checkpoints.restore, path, state)
+            if everywhere(why is None):
+                if ckpt.finite(modules, device):
+                    return path, state, failed, allowed
+                why = "non-finite weights"
+        failed.append((path, why or "unreadable on another rank"))
+    raise ResumeError(f"no checkpoint in {paths[0].parent} loads ({failed[-1][0].name}: {failed[-1][1]}); "
+                      f"resume=PATH picks one, run_dir=NEW starts over")
+
+
+def check_same_run(cfg, state: dict, path: Path, world_size: int, is_main: bool) -> bool:
+    """Refuse a resume that would silently mix two runs; returns whether recipe changes were allowed."""
+    stored = OmegaConf.create(state["config"])
+    changed = [(k, a, b) for k, b, a in differences(cfg, stored) if k not in RESUMABLE_CHANGES]
+    world = state["world_size"] != world_size
+    if not (changed or world):
+        return False
+    what = "; ".join([f"{k} {a} -> {b}" for k, a, b in changed] +
+                     ([f"world size {state['world_size']} -> {world_size}"] if world else []))
+    if not cfg.resume_allow_changes:
+        raise ResumeError(f"{path} is another run: {what}. Use a new run_dir, or resume_allow_changes=true to continue "
+                          f"this one with the new values")
+    if is_main:
+        print(f"warning: resuming {path} with changes ({what}): applied from global step "
+              f"{state['state']['global_step']} on" + ("; not bit-exact: the per-rank random generators cannot move "
+                                                       "to another number of ranks" if world else ""), flush=True)
+    return bool(changed)
