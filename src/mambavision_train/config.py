@@ -58,6 +58,11 @@ class ScanImpl(Choice):
     mamba_ref = "mamba_ref"  # mamba_ssm's reference loop (slow; tests)
 
 
+class InitHead(Choice):
+    reset = "reset"  # a classifier for another number of classes keeps its fresh initialisation
+    keep = "keep"  # the classifier must fit and is loaded too
+
+
 class Weights(Choice):
     auto = "auto"
     ema = "ema"
@@ -140,6 +145,9 @@ class TrainConfig:
     run_dir: str = "runs/${run_name}"  # shared by every rank and every restart: resume=auto looks here
     resume: str = "auto"  # auto: the newest checkpoint in run_dir that loads, if any | never | a path
     resume_allow_changes: bool = False  # resume a checkpoint of another recipe or world size, with the new values
+    init_from: Optional[str] = None  # fine-tune: start from these weights (our run dir or checkpoint: EMA; an
+    # official .pth.tar, a model.safetensors, a Hugging Face id); a checkpoint in run_dir still takes precedence
+    init_head: InitHead = InitHead.reset
     seed: int = 31  # + rank for the augmentation and DropPath draws
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     epochs: int = 310  # cosine epochs; sched.cooldown_epochs more at min_lr follow (310 + 10 = 320)
@@ -223,6 +231,15 @@ def check_device(device: str):
             raise ConfigError(f"device={device}: this machine has {count} CUDA device(s); use device=auto or cpu")
 
 
+def check_source(key: str, source: str | None):
+    """A local path that is not there fails now, not after the model and the data are built."""
+    from pathlib import Path
+    if source and not Path(source).expanduser().exists() and (source.startswith(("/", ".", "~"))
+                                                               or source.count("/") != 1):
+        raise ConfigError(f"{key}={source} does not exist (a file, one of our run directories, or a Hugging Face "
+                          f"repo id like nvidia/MambaVision-T-1K)")
+
+
 def check_model(cfg):
     import timm
     from . import models  # noqa: F401  (registers the variants)
@@ -255,6 +272,7 @@ def validate_train(cfg, world_size: int) -> int:
     check_model(cfg)
     check_data(cfg)
     check_device(cfg.device)
+    check_source("init_from", cfg.init_from)
     for key, lo in (("epochs", 1), ("batch_size", 1), ("micro_batch_size", 1), ("eval_batch_size", 1), ("seed", 0),
                     ("log_every", 1), ("max_steps", 1), ("checkpoint.every_n_steps", 0), ("checkpoint.keep_last_n", 1),
                     ("sched.warmup_epochs", 0), ("sched.warmup_lr", 0), ("sched.min_lr", 0),
@@ -297,4 +315,5 @@ def validate_eval(cfg):
     check_model(cfg)
     check_data(cfg)
     check_device(cfg.device)
+    check_source("checkpoint", cfg.checkpoint)
     _in(cfg, "batch_size", 1)

@@ -76,6 +76,7 @@ def describe(cfg, *, world_size: int, accumulation: int, amp: str, device: str, 
                          f"Mixup {a.mixup:g} / CutMix {a.cutmix:g} (prob {a.mixup_prob:g}), erasing {a.reprob:g} "
                          f"{a.remode}, smoothing {a.smoothing:g}, seed {cfg.seed} + rank"),
         ("data", f"{d.kind} loader, root {d.root}, {d.num_classes} classes, {d.num_workers} workers per process"),
+        ("weights", f"from {cfg.init_from} (classifier: {cfg.init_head})" if cfg.init_from else "random init"),
     ]
     if paper is None:
         rows.append(("vs paper", f"no paper training recipe for {m.name}"))

@@ -13,24 +13,13 @@ from tqdm import tqdm
 
 from ..data import Shard, build_loader, from_config, DataConfig
 from ..distributed import init_distributed
-from ..models import is_in21k, load_pretrained, paper_row, read_checkpoint
-from ..models.pretrained import resolve_source
+from ..models import is_in21k, load_pretrained, paper_row
+from ..models.pretrained import read_weights
 from ..preemption import requeue_on_timeout_signal
 from ..config import validate_eval
 from .evaluate import amp_dtype, evaluate, variant_data_args
 
 TABLE_HEAD = "| model | weights | top-1 | top-5 | paper top-1 | difference | images |\n|---|---|---|---|---|---|---|\n"
-
-
-def load_weights(model, source, weights: str):
-    if source is None:
-        source = model.pretrained_cfg["hf_hub_id"]
-    ckpt = read_checkpoint(resolve_source(source, model.pretrained_cfg.get("hf_hub_filename")
-                                          if str(source) == model.pretrained_cfg.get("hf_hub_id") else None))
-    ours = isinstance(ckpt.get("ema"), dict) or "state" in ckpt
-    ema = {"ema": True, "plain": False}.get(weights, ours and isinstance(ckpt.get("ema"), dict))
-    load_pretrained(model, ckpt, ema=ema)
-    return "EMA" if ema else "plain"
 
 
 def run_eval(cfg) -> dict:
@@ -50,7 +39,8 @@ def run_eval(cfg) -> dict:
     loader, aug = build_loader(data, None, train=False, batch_size=cfg.batch_size,
                                shard=Shard(info.rank, info.world_size), device=info.device,
                                **variant_data_args(model, cfg.model))
-    kind = load_weights(model, cfg.checkpoint, cfg.weights)
+    sd, kind = read_weights(source, model, str(cfg.weights))
+    load_pretrained(model, sd)
     model.to(info.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     dtype = amp_dtype(cfg.amp, info.device)
     autocast = (lambda: torch.autocast(info.device.type, dtype=dtype)) if dtype else contextlib.nullcontext

@@ -31,6 +31,7 @@ from ..data import check as check_data
 from ..distributed import (DistInfo, all_reduce_max, env_world_size, gather_objects, init_distributed,
                            reduce_bn_stats)
 from ..metrics import MetricsLogger, Throughput, duration
+from ..models.pretrained import CheckpointError, init_from
 from ..optim import build_optimizer, build_scheduler
 from ..parallel import clip_grad_norm, grad_sync, is_sharded, parallelize
 from ..preemption import StopSignals
@@ -121,6 +122,13 @@ class Trainer:
         kwargs = {k: v for k, v in dict(drop_path_rate=m.drop_path_rate, scan_impl=m.scan_impl,
                                         num_classes=self.cfg.data.num_classes).items() if v is not None}
         model = timm.create_model(m.name, **kwargs)
+        if self.cfg.init_from:  # before the EMA copy: it starts from these weights too
+            try:
+                loaded = init_from(model, self.cfg.init_from, str(self.cfg.init_head))
+            except CheckpointError as e:
+                raise TrainingError(f"init_from: {e}") from None
+            if self.dist.is_main:
+                print(loaded, flush=True)
         if self.cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
         return model

@@ -148,3 +148,45 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, *, em
     model.load_state_dict({k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)},
                           strict=False)
     return model
+
+
+def is_training_checkpoint(ckpt: Mapping) -> bool:
+    """One of ours (train.py's .pth.tar): its EMA weights are the ones to use, as the official recipe selects by."""
+    return isinstance(ckpt.get("ema"), Mapping) and "state" in ckpt
+
+
+def read_weights(source, model: nn.Module, weights: str = "auto") -> tuple[dict, str]:
+    """(state dict, 'EMA' or 'plain') from any source ``load_pretrained`` takes, or one of our run directories (its
+    ``ema_best.pth``, else ``ema_last.pth``). weights: auto (EMA for our training checkpoints, ``state_dict`` for
+    official files) | ema | plain."""
+    run = Path(str(source)).expanduser() / "checkpoints"
+    if not isinstance(source, Mapping) and run.is_dir():
+        exported = [run / n for n in ("ema_best.pth", "ema_last.pth") if (run / n).is_file()]
+        if not exported:
+            raise CheckpointError(f"{run} has no exported EMA weights (ema_best.pth / ema_last.pth) yet")
+        return extract_state_dict(read_checkpoint(exported[0]), model), "EMA"  # already a plain state dict
+    ckpt = source if isinstance(source, Mapping) else read_checkpoint(resolve_source(
+        source, model.pretrained_cfg.get("hf_hub_filename") if str(source) == model.pretrained_cfg.get("hf_hub_id")
+        else None))
+    ema = {"ema": True, "plain": False}.get(weights, is_training_checkpoint(ckpt))
+    return extract_state_dict(ckpt, model, ema=ema), "EMA" if ema else "plain"
+
+
+def init_from(model: nn.Module, source, init_head: str = "reset") -> str:
+    """Fine-tuning's start: every tensor of ``source`` goes into ``model`` (BatchNorm statistics included), except a
+    classifier for another number of classes, which keeps its fresh initialisation (``init_head=reset``) or is an
+    error (``keep``). Anything else that does not fit is an error listing it. Returns what was loaded, in words."""
+    sd, kind = read_weights(source, model)
+    own = model.state_dict()
+    head = [k for k in own if k.startswith("head.")]
+    other = any(k in sd and tuple(sd[k].shape) != tuple(own[k].shape) for k in head)
+    if other and init_head == "keep":
+        raise CheckpointError(f"init_head=keep, but {source}'s classifier has {sd['head.weight'].shape[0]} classes and "
+                              f"this run has {own['head.weight'].shape[0]} (data.num_classes); use init_head=reset")
+    if other:
+        sd = {k: v for k, v in sd.items() if k not in head}
+    problem = _describe_mismatch(model, {**({k: own[k] for k in head} if other else {}), **sd})
+    if problem:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {problem}")
+    model.load_state_dict(sd, strict=not other)
+    return f"initialised from {source} ({kind} weights" + (", new classifier)" if other else ")")
