@@ -57,6 +57,32 @@ def test_window_sizes_of_the_high_resolution_variants():
     assert ws("mambavision_l3_512") == [8, 8, 32, 16]
 
 
+def test_resolution_sets_the_windows_and_eval_crop_as_the_official_variants_do():
+    """img_size reaches the model: the stage-3/4 windows cover the whole feature map (the rule of the official 256
+    and 512 px variants), the weights keep their names and shapes, and the eval transform is the official one of
+    that architecture at that resolution when there is one."""
+    ws = lambda name, **kw: [lvl.window_size for lvl in meta_model(name, **kw).levels]
+    assert ws("mambavision_l2", img_size=512) == ws("mambavision_l2_512") == [8, 8, 32, 16]
+    assert ws("mambavision_l3_512", img_size=256) == ws("mambavision_l3_256") == [8, 8, 16, 8]
+    assert ws("mambavision_l3_256", img_size=512) == ws("mambavision_l3_512")
+    assert ws("mambavision_t", img_size=224) == ws("mambavision_t") == [8, 8, 14, 7]
+    assert ws("mambavision_t", img_size=200) == [8, 8, 13, 7]  # 200 -> 100 -> 50 -> 25 -> 13 -> 7
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    l2_at_512 = meta_model("mambavision_l2", img_size=512)
+    assert shapes(l2_at_512) == shapes(meta_model("mambavision_l2_512")) == shapes(meta_model("mambavision_l2"))
+    view = lambda m: (m.pretrained_cfg["input_size"], m.pretrained_cfg["crop_pct"], m.pretrained_cfg["crop_mode"])
+    assert view(l2_at_512) == view(meta_model("mambavision_l2_512")) == ((3, 512, 512), 0.93, "squash")
+    assert view(meta_model("mambavision_t", img_size=512)) == ((3, 512, 512), 1.0, "center")
+    # Weights move between resolutions unchanged (a strict load) and run there with the new windows.
+    torch.manual_seed(0)
+    small = ours("mambavision_demo", img_size=96).eval()
+    big = ours("mambavision_demo", img_size=128).eval()
+    big.load_state_dict(small.state_dict())
+    x = torch.randn(1, 3, 128, 128)
+    assert [lvl.window_size for lvl in big.levels] == [8, 8, 8, 4]
+    assert torch.isfinite(big(x)).all() and not torch.equal(small(x), big(x))  # the windows differ, the weights not
+
+
 @pytest.mark.parametrize("res", [(32, 32), (64, 64), (45, 71)])
 def test_demo_model_runs_every_block_type(res):
     model = ours("mambavision_demo").eval()

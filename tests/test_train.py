@@ -196,7 +196,7 @@ def test_eval_py_on_an_official_format_checkpoint(env, tmp_path):
     from mambavision_train.data import digits
     from mambavision_train.engine.evaluate import evaluate
     torch.manual_seed(3)
-    model = timm.create_model("mambavision_demo").eval()
+    model = timm.create_model("mambavision_demo", img_size=32).eval()  # eval.py's model.img_size=32 below
     path = tmp_path / "mambavision_demo.pth.tar"
     torch.save({"epoch": 1, "arch": "mambavision_demo", "state_dict": model.state_dict(), "version": 2,
                 "args": argparse.Namespace(model="mambavision_demo", lr=0.005)}, path)

@@ -34,8 +34,8 @@ def run_eval(cfg) -> dict:
             if info.is_main:
                 print(f"eval {cfg.model.name}: already in {cfg.table} (top1 {done['top1']:.2f}), skipped", flush=True)
             return done
-    model = timm.create_model(cfg.model.name, num_classes=data.num_classes,
-                              **({"scan_impl": cfg.model.scan_impl} if cfg.model.scan_impl else {}))
+    model = timm.create_model(cfg.model.name, num_classes=data.num_classes, **{
+        k: v for k, v in dict(scan_impl=cfg.model.scan_impl, img_size=cfg.model.img_size).items() if v is not None})
     loader, aug = build_loader(data, None, train=False, batch_size=cfg.batch_size,
                                shard=Shard(info.rank, info.world_size), device=info.device,
                                **variant_data_args(model, cfg.model))

@@ -119,7 +119,7 @@ class Trainer:
 
     def build_model(self):
         m = self.cfg.model
-        kwargs = {k: v for k, v in dict(drop_path_rate=m.drop_path_rate, scan_impl=m.scan_impl,
+        kwargs = {k: v for k, v in dict(drop_path_rate=m.drop_path_rate, scan_impl=m.scan_impl, img_size=m.img_size,
                                         num_classes=self.cfg.data.num_classes).items() if v is not None}
         model = timm.create_model(m.name, **kwargs)
         if self.cfg.init_from:  # before the EMA copy: it starts from these weights too

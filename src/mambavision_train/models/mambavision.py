@@ -370,8 +370,34 @@ ARCHS = {
 }
 
 
+def windows_at(img_size: int, window_size) -> list[int]:
+    """Stage-3 and stage-4 windows that cover the whole feature map at ``img_size``: the rule behind the official
+    variants (224 px: 14, 7; L3-256: 16, 8; L2-512 and L3-512: 32, 16). Stages 1-2 are convolutional."""
+    sides, side = [], img_size
+    for _ in range(5):  # the stem's two stride-2 convolutions, then the downsamplers before stages 2, 3 and 4
+        side = -(-side // 2)
+        sides.append(side)
+    return [*window_size[:2], sides[3], sides[4]]
+
+
+def eval_view_at(name: str, img_size: int) -> dict:
+    """The eval transform of ``name`` at ``img_size``: that of the official variant of the same architecture at that
+    resolution when there is one (L2 at 512 px: L2-512's 0.93 squash), else the variant's own crop."""
+    base = {k: v for k, v in ARCHS[name].items() if k != "window_size"}
+    for other, arch in ARCHS.items():
+        cfg = default_cfgs[other].default
+        if {k: v for k, v in arch.items() if k != "window_size"} == base and cfg.input_size[-1] == img_size:
+            return dict(input_size=(3, img_size, img_size), crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode)
+    return dict(input_size=(3, img_size, img_size))
+
+
 def _create(name: str, pretrained: bool, kwargs: dict) -> MambaVision:
-    return _create_mambavision(name, pretrained=pretrained, **{"mlp_ratio": 4, **ARCHS[name], **kwargs})
+    arch = {"mlp_ratio": 4, **ARCHS[name]}
+    img_size = kwargs.pop("img_size", None)
+    if img_size:  # resolution is an architecture setting only through the windows (no position embeddings)
+        arch["window_size"] = windows_at(img_size, arch["window_size"])
+        kwargs["pretrained_cfg_overlay"] = {**eval_view_at(name, img_size), **(kwargs.get("pretrained_cfg_overlay") or {})}
+    return _create_mambavision(name, pretrained=pretrained, **{**arch, **kwargs})
 
 
 @register_model
