@@ -11,7 +11,7 @@ import timm
 import torch
 
 import mambavision_train  # noqa: F401  (registers the models with timm)
-from mambavision_train.models import CheckpointError
+from mambavision_train.models import CheckpointError, load_pretrained
 from mambavision_train.models.pretrained import init_from
 from runs import final_state, run
 
@@ -88,10 +88,59 @@ def test_an_official_checkpoint_fine_tunes_through_the_same_path(env, parity_tre
     torch.save({"epoch": 3, "arch": "mambavision_demo", "state_dict": plain, "state_dict_ema": ema,
                 "args": argparse.Namespace(lr=0.005)}, path)
     res = run("train.py", "experiment=demo", "data.kind=folder", "data.prepare=null", f"data.root={parity_tree}",
-              "data.folder_root=null", "data.num_classes=2", "max_steps=1", "batch_size=32", "micro_batch_size=32",
-              f"init_from={path}", *QUIET, f"run_dir={tmp_path / 'ft'}", env=env)
+              "data.folder_root=null", "data.num_classes=2", "max_steps=2", "batch_size=32", "micro_batch_size=32",
+              f"init_from={path}", "model.freeze=stage2", "optim.layer_decay=0.75", *QUIET,
+              f"run_dir={tmp_path / 'ft'}", env=env)
     assert f"initialised from {path} (plain weights, new classifier)" in res.stdout  # official: state_dict
+    after = final_state(tmp_path / "ft")["model"]
+    assert all(torch.equal(after[k], plain[k]) for k in plain if k.startswith(("patch_embed.", "levels.0.", "levels.1."))
+               and not k.endswith("num_batches_tracked"))  # frozen
+    assert not torch.equal(after["levels.3.blocks.0.mlp.fc1.weight"], plain["levels.3.blocks.0.mlp.fc1.weight"])
     missing = run("train.py", "experiment=demo", "init_from=/no/such/run", *QUIET, f"run_dir={tmp_path / 'x'}",
                   env=env, check=False)
     assert missing.returncode == 2 and missing.stderr.startswith("error: init_from=/no/such/run does not exist")
     assert not (tmp_path / "x").exists()
+
+
+def test_layer_decay_goes_through_timms_factory_with_the_models_groups():
+    from omegaconf import OmegaConf
+    from timm.optim._param_groups import param_groups_layer_decay
+    from mambavision_train.optim import build_optimizer
+    model = timm.create_model("mambavision_demo")
+    cfg = OmegaConf.create(dict(name="adamw", lr=1e-3, weight_decay=0.05, betas=[0.9, 0.999], eps=1e-8,
+                                layer_decay=0.75))
+    ours = {id(p): g["lr_scale"] for g in build_optimizer(cfg, model).param_groups for p in g["params"]}
+    want = {id(p): g["lr_scale"] for g in param_groups_layer_decay(model, 0.05, model.no_weight_decay(),
+                                                                   layer_decay=0.75) for p in g["params"]}
+    assert ours == want and len(ours) == len(list(model.parameters()))
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[i]: s for i, s in ours.items()}
+    # Forward order: the stem decays most, then each level's blocks and its downsampler; the final norm shares the
+    # last block's layer (timm's rule for the 99999 group), the head gets 1.
+    assert scale["patch_embed.conv_down.0.weight"] < scale["levels.0.blocks.0.conv1.weight"] \
+        < scale["levels.0.downsample.reduction.0.weight"] < scale["levels.1.blocks.0.conv1.weight"] \
+        < scale["levels.3.blocks.0.mlp.fc1.weight"] < scale["levels.3.blocks.1.mlp.fc1.weight"] \
+        == scale["norm.weight"] < scale["head.weight"] == 1.0
+
+
+@pytest.mark.parametrize("part,trainable", [("stage2", ("levels.2.", "levels.3.", "norm.", "head.")),
+                                            ("stage4", ("head.",))])
+def test_freeze_leaves_the_early_parts_untouched(part, trainable):
+    """model.freeze=stage2 trains stages 3-4 and the head; stage4 is linear probing. Frozen BatchNorm keeps its
+    statistics, and an exported state dict still loads strictly into a plain model."""
+    from mambavision_train.optim import freeze
+    torch.manual_seed(0)
+    model = timm.create_model("mambavision_demo")
+    freeze(model, part)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
+    opt.step()
+    after = model.state_dict()
+    for k, v in before.items():
+        if not k.startswith(trainable):
+            assert torch.equal(v, after[k]), k  # weights and BatchNorm statistics alike
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("head."))
+    plain = timm.create_model("mambavision_demo")
+    load_pretrained(plain, after)  # strict: FrozenBatchNorm2d's missing num_batches_tracked is fine

@@ -63,6 +63,15 @@ class InitHead(Choice):
     keep = "keep"  # the classifier must fit and is loaded too
 
 
+class Freeze(Choice):
+    none = "none"
+    stem = "stem"  # ... and everything before it: stage1 = stem + stage 1, ..., stage4 = all but the classifier
+    stage1 = "stage1"
+    stage2 = "stage2"
+    stage3 = "stage3"
+    stage4 = "stage4"  # linear probing
+
+
 class Weights(Choice):
     auto = "auto"
     ema = "ema"
@@ -80,6 +89,7 @@ class ModelConfig:
     drop_path_rate: Optional[float] = None  # null: the paper's value for this variant
     scan_impl: Optional[ScanImpl] = None  # null: auto (mamba_ssm's CUDA kernel on GPU when installed, else ours)
     grad_checkpointing: bool = False
+    freeze: Freeze = Freeze.none  # fine-tuning: no updates for this part and what precedes it (BN frozen too)
 
 
 @dataclass
@@ -89,6 +99,7 @@ class OptimConfig:
     weight_decay: float = MISSING  # not applied to parameters with ndim <= 1 or named *.bias (timm's rule)
     betas: Tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    layer_decay: Optional[float] = None  # layer-wise lr decay (e.g. 0.75 for fine-tuning); null: off
 
 
 @dataclass
@@ -285,6 +296,7 @@ def validate_train(cfg, world_size: int) -> int:
     for key in ("optim.lr", "optim.eps", "clip_grad"):
         _in(cfg, key, 0, lo_open=True)
     _in(cfg, "aug.smoothing", 0, 1, hi_open=True)
+    _in(cfg, "optim.layer_decay", 0, 1, lo_open=True)
     for i, beta in enumerate(cfg.optim.betas):
         _in(cfg, f"optim.betas.{i}", 0, 1, hi_open=True)
     _choice("optim.name", cfg.optim.name, list_optimizers(), what="a timm optimizer (timm.optim.list_optimizers())")

@@ -14,12 +14,27 @@ from timm.scheduler import CosineLRScheduler
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """cfg: name (adamw|lamb|any timm optimizer), lr (absolute: not scaled by batch size), weight_decay, and for
-    Adam-style optimizers betas and eps."""
+    """cfg: name (adamw|lamb|any timm optimizer), lr (absolute: not scaled by batch size), weight_decay,
+    layer_decay (layer-wise lr decay through the model's group_matcher; null: off), and for Adam-style optimizers
+    betas and eps. Frozen parameters (model.freeze) are left out."""
     adam_like = any(k in cfg.name for k in ("adam", "lamb"))
     extra = dict(betas=tuple(cfg.betas), eps=cfg.eps) if adam_like else {}
     return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               filter_bias_and_bn=True, **extra)
+                               filter_bias_and_bn=True, layer_decay=cfg.layer_decay, **extra)
+
+
+# What model.freeze=<part> freezes: that part and everything before it.
+FREEZE = {"stem": ["patch_embed"], "stage1": ["patch_embed", "levels.0"],
+          "stage2": ["patch_embed", "levels.0", "levels.1"],
+          "stage3": ["patch_embed", "levels.0", "levels.1", "levels.2"],
+          "stage4": ["patch_embed", "levels", "norm"]}  # all but the classifier: linear probing
+
+
+def freeze(model: torch.nn.Module, part: str | None):
+    """timm's freeze: no gradients, and BatchNorm frozen too (statistics included), for ``part`` and what precedes it."""
+    if part and part != "none":
+        from timm.utils import freeze as timm_freeze
+        timm_freeze(model, FREEZE[part])
 
 
 def build_scheduler(cfg, optimizer, epochs: int, steps_per_epoch: int) -> CosineLRScheduler:

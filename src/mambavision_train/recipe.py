@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 
 # The settings that define what is trained (not where it is written, how often it is logged, or how it is read).
 RECIPE_KEYS = (
-    "model.name", "model.img_size", "model.crop_pct", "model.drop_path_rate",
-    "optim.name", "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps",
+    "model.name", "model.img_size", "model.crop_pct", "model.drop_path_rate", "model.freeze",
+    "optim.name", "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "optim.layer_decay",
     "sched.warmup_epochs", "sched.warmup_lr", "sched.min_lr", "sched.cooldown_epochs",
     "epochs", "batch_size", "micro_batch_size", "clip_grad", "seed", "amp",
     "ema.enabled", "ema.decay", "mesa.weight", "mesa.start_ratio", "data.num_classes",

@@ -32,7 +32,7 @@ from ..distributed import (DistInfo, all_reduce_max, env_world_size, gather_obje
                            reduce_bn_stats)
 from ..metrics import MetricsLogger, Throughput, duration
 from ..models.pretrained import CheckpointError, init_from
-from ..optim import build_optimizer, build_scheduler
+from ..optim import build_optimizer, build_scheduler, freeze
 from ..parallel import clip_grad_norm, grad_sync, is_sharded, parallelize
 from ..preemption import StopSignals
 from .ema import EMA
@@ -129,6 +129,7 @@ class Trainer:
                 raise TrainingError(f"init_from: {e}") from None
             if self.dist.is_main:
                 print(loaded, flush=True)
+        freeze(model, str(self.cfg.model.freeze))
         if self.cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
         return model

@@ -274,6 +274,19 @@ class MambaVision(nn.Module):
 
     # timm's model API
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in forward order, for layer-wise lr decay (timm's param_groups_layer_decay): the stem,
+        then every block of every level, each level's downsampler after its blocks, the final norm last."""
+        return dict(stem=r"^patch_embed", blocks=r"^levels\.(\d+)" if coarse else [
+            (r"^levels\.(\d+)\.blocks\.(\d+)", None),
+            (r"^levels\.(\d+)\.downsample", (99998,)),
+            (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()  # the official rule (no decay for biases and ndim <= 1, A_log decayed) is timm's default
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
         for level in self.levels:
             level.grad_checkpointing = enable

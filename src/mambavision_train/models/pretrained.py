@@ -79,7 +79,8 @@ def extract_state_dict(ckpt: Mapping, model: nn.Module, ema: bool | None = False
 
 def _describe_mismatch(model: nn.Module, sd: Mapping) -> str | None:
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
+    # BatchNorm fills in a missing num_batches_tracked (timm's FrozenBatchNorm2d, used by model.freeze, has none).
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own
               if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
