@@ -144,3 +144,15 @@ def test_freeze_leaves_the_early_parts_untouched(part, trainable):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("head."))
     plain = timm.create_model("mambavision_demo")
     load_pretrained(plain, after)  # strict: FrozenBatchNorm2d's missing num_batches_tracked is fine
+
+
+@pytest.mark.parametrize("size", ["l2_512", "l3_256", "l3_512"])
+def test_fine_tune_experiments_follow_the_cited_recipe(size):
+    from hydra import compose, initialize_config_dir
+    from runs import ROOT
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment=finetune_mambavision_{size}", "init_from=nvidia/x"])
+    assert cfg.model.name == f"mambavision_{size}" and cfg.run_name == f"finetune_mambavision_{size}"
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.layer_decay) == ("adamw", 5e-5, 1e-8, 0.8)
+    assert (cfg.epochs, cfg.batch_size, cfg.sched.warmup_epochs, cfg.sched.cooldown_epochs) == (30, 512, 0, 0)
+    assert (cfg.aug.mixup, cfg.aug.cutmix, cfg.aug.rand_augment, cfg.ema.enabled) == (0, 0, "rand-m9-mstd0.5-inc1", False)

@@ -66,6 +66,7 @@ BAD_REQUESTS = [  # (script, overrides, what the one line on stderr starts with)
     ("train.py", ["experiment=demo", "sched.warmup_epochs=20"], "error: sched.warmup_epochs=20.0 is longer than epochs=8"),
     ("train.py", ["experiment=demo", "dist=fsdp", "amp=fp16"], "error: amp=fp16 with dist=fsdp is not supported"),
     ("train.py", ["experiment=demo", "aug=paper", "batch_size=63", "micro_batch_size=63"], "error: micro_batch_size=63: Mixup/CutMix pairs images"),
+    ("train.py", ["experiment=demo", "optim.lr=???"], "error: optim.lr must be set (e.g. optim.lr=...)"),
     ("train.py", ["data.root=/nope"], "error: data.root=/nope does not exist; prepare ImageNet with"),
     ("train.py", [], "error: data.root is not set"),
     ("eval.py", ["pretrain=22k"], "error: pretrain: Invalid value '22k', expected one of [auto, 1k, 21k]"),

@@ -274,6 +274,9 @@ def check_schema(schema, cfg):
         OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     except ConfigKeyError as e:
         raise ConfigError(f"{e.full_key}: no such key (a typo, or a '+' too many?)") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # ??? in an experiment: a value only the user can give
+        raise ConfigError(f"{missing[0]} must be set (e.g. {missing[0]}=...); this config leaves it to you")
 
 
 def validate_train(cfg, world_size: int) -> int:
