@@ -96,6 +96,13 @@ def test_an_official_checkpoint_fine_tunes_through_the_same_path(env, parity_tre
     assert all(torch.equal(after[k], plain[k]) for k in plain if k.startswith(("patch_embed.", "levels.0.", "levels.1."))
                and not k.endswith("num_batches_tracked"))  # frozen
     assert not torch.equal(after["levels.3.blocks.0.mlp.fc1.weight"], plain["levels.3.blocks.0.mlp.fc1.weight"])
+    # The same command again (a requeued job): the run's own checkpoint takes precedence over init_from.
+    again = run("train.py", "experiment=demo", "data.kind=folder", "data.prepare=null", f"data.root={parity_tree}",
+                "data.folder_root=null", "data.num_classes=2", "max_steps=3", "batch_size=32", "micro_batch_size=32",
+                f"init_from={path}", "model.freeze=stage2", "optim.layer_decay=0.75", *QUIET,
+                f"run_dir={tmp_path / 'ft'}", env=env)
+    assert "resumed from" in again.stdout and "global step 2" in again.stdout
+    assert final_state(tmp_path / "ft")["state"]["global_step"] == 3
     missing = run("train.py", "experiment=demo", "init_from=/no/such/run", *QUIET, f"run_dir={tmp_path / 'x'}",
                   env=env, check=False)
     assert missing.returncode == 2 and missing.stderr.startswith("error: init_from=/no/such/run does not exist")

@@ -156,6 +156,22 @@ def test_logits_equal_official_at_224(official, size):
 
 
 @pytest.mark.reference
+@pytest.mark.slow
+def test_l2_at_512_px_from_its_224_weights_equals_the_official_l2_512(official):
+    """model=mambavision_l2 model.img_size=512 takes L2's 224 px checkpoint strictly and computes what the official
+    L2-512 does with those weights (compared on a 128 px input, where both pad the same 32/16 windows)."""
+    ref224 = randomize_(official.mamba_vision_L2())
+    ckpt = official_checkpoint(ref224)
+    ref512 = official.mamba_vision_L2_512_21k()
+    ref512.load_state_dict(ckpt["state_dict"])
+    mine = load_pretrained(ours("mambavision_l2", img_size=512), ckpt)  # strict
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, got = ref512.eval()(x), mine.eval()(x)
+    assert want.std() > 0.1 and (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.reference
 def test_logits_equal_official_at_odd_non_square_resolution(official):
     ref, mine = twin_models(official, "t")
     x = torch.randn(2, 3, 200, 264, generator=torch.Generator().manual_seed(2))
