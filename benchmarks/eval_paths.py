@@ -61,7 +61,7 @@ def pixel_agreement(tmp: Path):
 def predictions(checkpoint: Path, kind: str):
     root = digits.prepare(digits.default_root())
     cfg = DataConfig(kind=kind, root=str(root), folder_root=str(root / "images"), num_classes=10, num_workers=2)
-    model = timm.create_model("mambavision_demo").eval()
+    model = timm.create_model("mambavision_demo", img_size=32).eval()  # the demo trains at 32 px
     load_pretrained(model, checkpoint, ema=True)
     loader, aug = build_loader(cfg, None, train=False, batch_size=200, res=32)
     preds, labels = zip(*[(model(aug(x, y)[0]).argmax(1), y) for x, y in loader])
