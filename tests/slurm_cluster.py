@@ -32,8 +32,9 @@ def ensure_installed():
 
 
 class LocalSlurm:
-    def __init__(self, root: Path, port: int = 16817, nodes=("n1", "n2"), gpus_per_node: int = 2):
-        self.root, self.port, self.nodes, self.gpus = Path(root), port, nodes, gpus_per_node
+    def __init__(self, root: Path, port: int | None = None, nodes=("n1", "n2"), gpus_per_node: int = 2):
+        self.root, self.nodes, self.gpus = Path(root), nodes, gpus_per_node
+        self.port = port or free_ports(1 + len(nodes))  # slurmctld, then one slurmd per node
         self.conf = self.root / "etc" / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
 
@@ -166,3 +167,20 @@ def _signal(pid, sig):
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def free_ports(count: int, first: int = 16817) -> int:
+    """The first of ``count`` consecutive free ports on 127.0.0.1 from ``first`` on (a fixed block can be taken by
+    another cluster or any other program)."""
+    for base in range(first, first + 2000, count):
+        sockets = [socket.socket() for _ in range(count)]
+        try:
+            for i, s in enumerate(sockets):
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {count} free consecutive ports from {first}")

@@ -39,7 +39,7 @@ def test_eval_config_composes():
 
 
 BAD_REQUESTS = [  # (script, overrides, what the one line on stderr starts with)
-    ("train.py", ["experiment=paper_mambavsion_b"], "error: experiment=paper_mambavsion_b does not exist; choose one of: demo, paper_mambavision_b"),
+    ("train.py", ["experiment=paper_mambavsion_b"], "error: experiment=paper_mambavsion_b does not exist; choose one of: demo, finetune, finetune_mambavision_l2_512"),
     ("train.py", ["model=mambavision_xl"], "error: model=mambavision_xl does not exist; choose one of: mambavision_b"),
     ("train.py", ["model.name=mambavision_xl"], "error: model.name='mambavision_xl' is not one of: mambavision_b"),
     ("train.py", ["dist=fsdpp"], "error: dist=fsdpp does not exist; choose one of: ddp, fsdp, none"),

@@ -9,6 +9,13 @@ import sys
 from dataclasses import fields, is_dataclass
 
 
+def say(line: str):
+    """One line on stderr in one write: stderr is write-through, so print() would send the text and its newline
+    separately and the lines of several ranks could run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def entry(hydra_main):
     """Run a ``@hydra.main`` function. Hydra prints its own composition errors over several lines and exits 1; with
     HYDRA_FULL_ERROR it raises them instead, and they are reported here like any other bad request."""
@@ -21,7 +28,7 @@ def entry(hydra_main):
     try:
         return hydra_main()
     except (HydraException, OmegaConfBaseException) as e:
-        print(f"error: {config_error(e)}", file=sys.stderr, flush=True)
+        say(f"error: {config_error(e)}")
         sys.exit(2)
 
 
@@ -54,10 +61,10 @@ def run_main(fn):
     try:
         return fn()
     except Stopped as e:  # a checkpoint was written; the scheduler brings the job back if it should
-        print(str(e), file=sys.stderr, flush=True)
+        say(str(e))
         sys.exit(e.code)
     except (ConfigError, TrainingError, ResumeError, DataError, CheckpointError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        say(f"error: {e}")
         sys.exit(2)
     finally:
         cleanup()

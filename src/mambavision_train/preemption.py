@@ -24,6 +24,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .cli import say
 from .distributed import barrier
 
 # Priority when ranks saw different signals: a requeue request wins over a plain stop.
@@ -52,8 +53,7 @@ class StopSignals:
 
     def _handler(self, signum, frame):
         if not self.received:
-            print(f"received {signal.Signals(signum).name}: checkpointing after this step", file=sys.stderr,
-                  flush=True)
+            say(f"received {signal.Signals(signum).name}: checkpointing after this step")
         self.received = max(self.received, PRIORITY[signum])
 
     def requested(self) -> signal.Signals | None:
@@ -93,7 +93,7 @@ def requeue_on_timeout_signal(is_main: bool):
     def handler(signum, frame):
         job = os.environ.get("SLURM_JOB_ID")
         note = requeue(job) if job and is_main else "not requeued"
-        print(f"received {signal.Signals(signum).name}: exiting ({note})", file=sys.stderr, flush=True)
+        say(f"received {signal.Signals(signum).name}: exiting ({note})")
         sys.exit(128 + signum)
     try:
         signal.signal(signal.SIGUSR1, handler)

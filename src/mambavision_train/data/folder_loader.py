@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
-import sys
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
+from ..cli import say
 from . import DataError
 from .images import BadImage, load_rgb
 from .order import Shard, batches_per_epoch, rank_indices, sample_key
@@ -195,5 +195,5 @@ class FolderLoader:
             if n <= 10 or n % 100 == 0:  # a tree with thousands of broken files must not drown the log
                 rank = f"rank {self.shard.rank}: " if self.shard.world_size > 1 else ""
                 what = "each replaced by the next readable file" if self.train else "left out of evaluation"
-                print(f"warning: {rank}{self.folder.root}: skipped {n} unreadable file{'s' * (n != 1)} so far "
-                      f"({what}), e.g. {path} ({reason})", file=sys.stderr, flush=True)
+                say(f"warning: {rank}{self.folder.root}: skipped {n} unreadable file{'s' * (n != 1)} so far "
+                    f"({what}), e.g. {path} ({reason})")
