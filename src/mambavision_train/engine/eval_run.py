@@ -6,7 +6,6 @@ import contextlib
 import fcntl
 from pathlib import Path
 
-import timm
 import torch
 from timm.models import get_pretrained_cfg
 from tqdm import tqdm
@@ -17,7 +16,7 @@ from ..models import is_in21k, load_pretrained, paper_row
 from ..models.pretrained import read_weights
 from ..preemption import requeue_on_timeout_signal
 from ..config import validate_eval
-from .evaluate import amp_dtype, evaluate, variant_data_args
+from .evaluate import amp_dtype, create_model, evaluate, variant_data_args
 
 TABLE_HEAD = "| model | weights | top-1 | top-5 | paper top-1 | difference | images |\n|---|---|---|---|---|---|---|\n"
 
@@ -34,8 +33,7 @@ def run_eval(cfg) -> dict:
             if info.is_main:
                 print(f"eval {cfg.model.name}: already in {cfg.table} (top1 {done['top1']:.2f}), skipped", flush=True)
             return done
-    model = timm.create_model(cfg.model.name, num_classes=data.num_classes, **{
-        k: v for k, v in dict(scan_impl=cfg.model.scan_impl, img_size=cfg.model.img_size).items() if v is not None})
+    model = create_model(cfg.model, data.num_classes)
     loader, aug = build_loader(data, None, train=False, batch_size=cfg.batch_size,
                                shard=Shard(info.rank, info.world_size), device=info.device,
                                **variant_data_args(model, cfg.model))

@@ -21,6 +21,14 @@ def amp_dtype(amp: str, device: torch.device):
     return AMP["bf16" if device.type == "cuda" else "fp32"] if amp == "auto" else AMP[amp]
 
 
+def create_model(model_cfg, num_classes: int, **extra):
+    """The variant a model config names, with the settings it gives (null: the variant's own)."""
+    import timm
+    settings = dict(scan_impl=model_cfg.scan_impl, img_size=model_cfg.img_size, **extra)
+    return timm.create_model(model_cfg.name, num_classes=num_classes,
+                             **{k: v for k, v in settings.items() if v is not None})
+
+
 def variant_data_args(model, model_cfg) -> dict:
     """How a variant is fed for evaluation: its default cfg (resolution, eval crop, interpolation, mean/std), with
     the model config's img_size / crop_pct overrides."""

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from omegaconf import OmegaConf
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -36,7 +35,7 @@ from ..optim import build_optimizer, build_scheduler, freeze
 from ..parallel import clip_grad_norm, grad_sync, is_sharded, parallelize
 from ..preemption import StopSignals
 from .ema import EMA
-from .evaluate import AMP_NAMES, amp_dtype, evaluate, variant_data_args
+from .evaluate import AMP_NAMES, amp_dtype, create_model, evaluate, variant_data_args
 from .mesa import mesa_active, mesa_loss
 from .resume import checkpoints_to_try, load_first_good
 
@@ -84,7 +83,7 @@ class Trainer:
         # FSDP2 shards only contiguous parameters: there channels_last stays on the activations (the convolutions
         # follow their input's layout).
         fmt = torch.channels_last if cfg.channels_last and cfg.dist.kind != "fsdp" else torch.contiguous_format
-        for module in [self.model] + ([self.ema.module] if self.ema else []):
+        for module in self.weight_modules().values():
             module.to(self.dist.device, memory_format=fmt)
         self.model, self.wrapped = parallelize(self.model, self.ema.module if self.ema else None, cfg.dist,
                                                self.dist, self.dtype)
@@ -119,9 +118,7 @@ class Trainer:
 
     def build_model(self):
         m = self.cfg.model
-        kwargs = {k: v for k, v in dict(drop_path_rate=m.drop_path_rate, scan_impl=m.scan_impl, img_size=m.img_size,
-                                        num_classes=self.cfg.data.num_classes).items() if v is not None}
-        model = timm.create_model(m.name, **kwargs)
+        model = create_model(m, self.cfg.data.num_classes, drop_path_rate=m.drop_path_rate)
         if self.cfg.init_from:  # before the EMA copy: it starts from these weights too
             try:
                 loaded = init_from(model, self.cfg.init_from, str(self.cfg.init_head))
@@ -165,7 +162,8 @@ class Trainer:
                 "bn_stats": gather_objects(self.bn_stats(), self.dist) if self.dist.distributed else None,
                 "config": OmegaConf.to_yaml(self.cfg, resolve=True)}
 
-    def _bn_modules(self) -> dict:
+    def weight_modules(self) -> dict:
+        """What holds the run's weights and BatchNorm statistics: the model and, if on, its EMA."""
         return {"model": self.model, **({"ema": self.ema.module} if self.ema else {})}
 
     def bn_stats(self) -> dict:
@@ -174,19 +172,18 @@ class Trainer:
         Without SyncBN each rank's statistics drift apart between the reductions before validation; a checkpoint
         holding only rank 0's copy (DDP, and FSDP2's replicated buffers) would make resuming inexact."""
         return {key: {n: b.detach().cpu().clone() for n, b in m.named_buffers() if ".running_" in n}
-                for key, m in self._bn_modules().items()}
+                for key, m in self.weight_modules().items()}
 
     @torch.no_grad()
     def set_bn_stats(self, stats: dict):
-        for key, module in self._bn_modules().items():
+        for key, module in self.weight_modules().items():
             for name, buf in module.named_buffers():
                 if name in stats[key]:
                     buf.copy_(stats[key][name])
 
     def save(self, best: bool = False, tag: str | None = None):
         # Collective (RNG gather, finiteness verdict, sharded writes): every rank takes part.
-        modules = [self.model] + ([self.ema.module] if self.ema else [])
-        if not ckpt.finite(modules, self.dist.device):
+        if not ckpt.finite(self.weight_modules().values(), self.dist.device):
             raise TrainingError(f"the weights are not finite at global step {self.state.global_step}: no checkpoint "
                                 f"written; the last good one is {ckpt.latest(self.run_dir) or 'none yet'}")
         try:
@@ -198,9 +195,8 @@ class Trainer:
         paths = checkpoints_to_try(self.run_dir, str(self.cfg.resume))
         if not paths:
             return
-        modules = [self.model] + ([self.ema.module] if self.ema else [])
         path, state, failed, allowed = load_first_good(self.checkpoints, paths, self.cfg, self.dist.world_size,
-                                                       modules, self.dist.device)
+                                                       list(self.weight_modules().values()), self.dist.device)
         if failed and self.dist.is_main:
             print(f"warning: skipped {', '.join(f'{p.name} ({why})' for p, why in failed)}; resuming from the newest "
                   f"checkpoint that loads: {path}", flush=True)
