@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# Without a GPU, the Triton scan's kernels run in Triton's interpreter on CPU tensors. Read when the kernels are
+# defined (on import of the module that holds them), so it is set before any test imports it.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from mambavision_train.config import register
 

@@ -54,6 +54,7 @@ class LoggerMode(Choice):
 class ScanImpl(Choice):
     auto = "auto"
     cuda = "cuda"  # mamba_ssm's kernel
+    triton = "triton"  # ours, fused Triton kernels: any CUDA GPU, nothing to compile
     torch = "torch"  # ours, runs everywhere
     mamba_ref = "mamba_ref"  # mamba_ssm's reference loop (slow; tests)
 
@@ -87,7 +88,7 @@ class ModelConfig:
     img_size: Optional[int] = None  # resolution; null: the variant's default
     crop_pct: Optional[float] = None  # evaluation crop; null: the variant's default
     drop_path_rate: Optional[float] = None  # null: the paper's value for this variant
-    scan_impl: Optional[ScanImpl] = None  # null: auto (mamba_ssm's CUDA kernel on GPU when installed, else ours)
+    scan_impl: Optional[ScanImpl] = None  # null: $MAMBAVISION_SCAN or auto (GPU: mamba_ssm's kernel, else Triton)
     grad_checkpointing: bool = False
     freeze: Freeze = Freeze.none  # fine-tuning: no updates for this part and what precedes it (BN frozen too)
 
@@ -260,6 +261,17 @@ def check_model(cfg):
     _in(cfg, "model.drop_path_rate", 0, 1, hi_open=True)
 
 
+def check_scan(cfg):
+    """The scan implementation can run on the run's device (e.g. scan_impl=triton without triton)."""
+    import torch
+    from .ops.selective_scan import resolve_impl
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
+    try:
+        resolve_impl(cfg.model.scan_impl, torch.device(device))
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"model.scan_impl={cfg.model.scan_impl}: {e}") from None
+
+
 def check_data(cfg):
     _choice("data.kind", cfg.data.kind, DATA_KINDS)
     _in(cfg, "data.num_classes", 1)
@@ -286,6 +298,7 @@ def validate_train(cfg, world_size: int) -> int:
     check_model(cfg)
     check_data(cfg)
     check_device(cfg.device)
+    check_scan(cfg)
     check_source("init_from", cfg.init_from)
     for key, lo in (("epochs", 1), ("batch_size", 1), ("micro_batch_size", 1), ("eval_batch_size", 1), ("seed", 0),
                     ("log_every", 1), ("max_steps", 1), ("checkpoint.every_n_steps", 0), ("checkpoint.keep_last_n", 1),
@@ -330,5 +343,6 @@ def validate_eval(cfg):
     check_model(cfg)
     check_data(cfg)
     check_device(cfg.device)
+    check_scan(cfg)
     check_source("checkpoint", cfg.checkpoint)
     _in(cfg, "batch_size", 1)

@@ -4,6 +4,7 @@ The paper's figures are MACs from ptflops, which hooks nn.Conv*/nn.Linear module
 scan nor the attention matmuls inside F.scaled_dot_product_attention. So ``macs`` counts the convolutions and
 linear layers and reproduces the paper's column; the attention matmuls (everything an attention module computes
 beyond its qkv/proj layers) and the scan are reported on their own. Normalisation and activations are not counted (they are <1% of the total).
+The scan is one operator with a registered FLOP formula (ops/selective_scan/op.py), so the counter sees it directly.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..ops.selective_scan import count_scan_calls
 from .mambavision import Attention
 
 
@@ -22,7 +22,7 @@ from .mambavision import Attention
 class FlopCount:
     macs: int  # paper convention: convolutions + linear layers
     attention_macs: int  # q @ k^T and attn @ v in the attention blocks
-    scan_macs: int  # the selective scan: 3 per (batch, channel, token, state) + the D skip
+    scan_macs: int  # the selective scan: 3 per (batch, channel, token, state) + the D skip (op.scan_macs)
     by_op: dict  # aten op name -> MACs
 
     @property
@@ -34,12 +34,6 @@ class FlopCount:
         return self.macs + self.attention_macs + self.scan_macs
 
 
-def _scan_macs(b: int, d: int, l: int, n: int) -> int:
-    # exp(delta*A) and delta*u*B (1 MAC each, the exp not counted), the state update h = dA*h + dBu (1),
-    # the readout <h, C> (1) per (b, d, l, n); D*u per (b, d, l).
-    return 3 * b * d * l * n + b * d * l
-
-
 def count_flops(model: nn.Module, resolution: int | tuple[int, int] = 224, batch_size: int = 1) -> FlopCount:
     """MACs of one forward pass at ``resolution`` (int or (H, W)), per batch of ``batch_size`` images."""
     h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
@@ -49,11 +43,12 @@ def count_flops(model: nn.Module, resolution: int | tuple[int, int] = 224, batch
     # Run on meta stand-ins for the weights: counting costs neither compute nor memory, whatever the model's size.
     meta_state = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
     counter = FlopCounterMode(display=False)
-    with count_scan_calls() as calls, counter, torch.no_grad():
+    with counter, torch.no_grad():
         torch.func.functional_call(model, meta_state, (x,))
     model.train(was_training)
     counts = counter.get_flop_counts()
     by_op = {str(op): v // 2 for op, v in counts.get("Global", {}).items()}
+    scan = sum(v for op, v in by_op.items() if op.startswith("mambavision.selective_scan"))
     # Attention matmuls: what attention modules compute beyond their own Linear layers (qkv, proj).
     root = type(model).__name__
     attention = 0
@@ -63,7 +58,6 @@ def count_flops(model: nn.Module, resolution: int | tuple[int, int] = 224, batch
             linears = sum(sum(counts.get(f"{root}.{name}.{child}", {}).values())
                           for child, m in module.named_children() if isinstance(m, nn.Linear))
             attention += (inner - linears) // 2
-    scan = sum(_scan_macs(*shape) for shape in calls)
-    total = sum(by_op.values())
+    total = sum(by_op.values()) - scan
     return FlopCount(macs=total - attention, attention_macs=attention, scan_macs=scan, by_op=by_op)
 

@@ -36,11 +36,6 @@ def _interface():
         return None
 
 
-def cuda_selective_scan_fn():
-    """mamba_ssm's CUDA ``selective_scan_fn``, or None when the kernel is not installed."""
-    return _interface().selective_scan_fn if has_cuda_kernel() else None
-
-
 def reference_selective_scan_fn():
     """mamba_ssm's pure-PyTorch ``selective_scan_ref`` (per-step loop), or None when mamba_ssm is absent."""
     mod = _interface()

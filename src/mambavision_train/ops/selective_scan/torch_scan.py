@@ -87,78 +87,78 @@ def linear_scan_reverse(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return s
 
 
-class SelectiveScanTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-        if B.dim() != 3 or C.dim() != 3:
-            raise ValueError("the torch selective scan takes B and C shaped (batch, d_state, seqlen); "
-                             f"got B {tuple(B.shape)}, C {tuple(C.shape)}")
-        cdt = torch.float64 if u.dtype == torch.float64 else torch.float32  # the state is never kept below fp32
-        seqlen = u.shape[-1]
-        k, nc = _chunking(seqlen)
+def _layout(u, delta, B, C, delta_bias, softplus):
+    """Everything the two passes share, from the inputs: compute dtype, chunking, delta before and after
+    softplus, and the scan-layout copies of u, delta, B, C."""
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32  # the state is never kept below fp32
+    k, nc = _chunking(u.shape[-1])
+    delta_raw = delta.to(cdt)
+    if delta_bias is not None:
+        delta_raw = delta_raw + delta_bias.to(cdt)[:, None]
+    dt = F.softplus(delta_raw) if softplus else delta_raw
+    return cdt, delta_raw, dt, _to_scan(u, k, nc, cdt), _to_scan(dt, k, nc, cdt), _to_scan(B, k, nc, cdt), \
+        _to_scan(C, k, nc, cdt)
 
-        delta_raw = delta.to(cdt)
-        if delta_bias is not None:
-            delta_raw = delta_raw + delta_bias.to(cdt)[:, None]
-        dt = F.softplus(delta_raw) if delta_softplus else delta_raw
 
-        u_s, dt_s = _to_scan(u, k, nc, cdt), _to_scan(dt, k, nc, cdt)  # (K, nc, b, d); padding has dt = 0
-        B_s, C_s = _to_scan(B, k, nc, cdt), _to_scan(C, k, nc, cdt)  # (K, nc, b, n)
-        dA = torch.exp(dt_s.unsqueeze(-1) * A.to(cdt))  # (K, nc, b, d, n); 1 on padding
-        h = linear_scan(dA, (dt_s * u_s).unsqueeze(-1) * B_s.unsqueeze(-2))
-        y = _from_scan((h * C_s.unsqueeze(-2)).sum(-1), seqlen)
-        if D is not None:
-            y = y + D.to(cdt)[:, None] * u.to(cdt)
-        out = y if z is None else y * F.silu(z.to(cdt))
+def residuals_like(u, A, z):
+    """Empty tensors shaped like what ``forward`` keeps for ``backward`` (for tracing without computing)."""
+    b, d, l = u.shape
+    k, nc = _chunking(l)
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    state = u.new_empty((k, nc, b, d, A.shape[1]), dtype=cdt)
+    return [state, torch.empty_like(state), u.new_empty((b, d, l) if z is not None else (0,), dtype=cdt)]
 
-        ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, u_s, dt_s, B_s, C_s, dA, h,
-                              y if z is not None else None)
-        ctx.delta_softplus = delta_softplus
-        ctx.delta_dtype = delta.dtype
-        out = out.to(u.dtype)
-        if return_last_state:
-            last = h[(seqlen - 1) % k, (seqlen - 1) // k].clone()
-            ctx.mark_non_differentiable(last)
-            return out, last
-        return out
 
-    @staticmethod
-    def backward(ctx, gout, *_):
-        u, delta_raw, A, B, C, D, z, delta_bias, u_s, dt_s, B_s, C_s, dA, h, y = ctx.saved_tensors
-        seqlen = u.shape[-1]
-        k, nc = dt_s.shape[:2]
-        cdt = dt_s.dtype
-        g = gout.to(cdt)
+def forward(u, delta, A, B, C, D, z, delta_bias, softplus):
+    """(out in u's dtype, last state, residuals [dA, h, y before the z gate (only with z)]); B, C: (b, n, l)."""
+    seqlen = u.shape[-1]
+    cdt, _, _, u_s, dt_s, B_s, C_s = _layout(u, delta, B, C, delta_bias, softplus)  # (K, nc, b, d|n); padding dt = 0
+    k = u_s.shape[0]
+    dA = torch.exp(dt_s.unsqueeze(-1) * A.to(cdt))  # (K, nc, b, d, n); 1 on padding
+    h = linear_scan(dA, (dt_s * u_s).unsqueeze(-1) * B_s.unsqueeze(-2))
+    y = _from_scan((h * C_s.unsqueeze(-2)).sum(-1), seqlen)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * u.to(cdt)
+    out = y if z is None else y * F.silu(z.to(cdt))
+    last = h[(seqlen - 1) % k, (seqlen - 1) // k].clone()
+    return out.to(u.dtype), last, [dA, h, y if z is not None else y.new_empty(0)]
 
-        gz = None
-        if z is not None:
-            zc = z.to(cdt)
-            sig = torch.sigmoid(zc)
-            gz = (g * y * sig * (1 + zc * (1 - sig))).to(z.dtype)
-            g = g * zc * sig
-        gD = None if D is None else (g * u.to(cdt)).sum((0, 2)).to(D.dtype)
 
-        g_s = _to_scan(g, k, nc, cdt)  # dL/dy, (K, nc, b, d)
-        gC = _from_scan((h * g_s.unsqueeze(-1)).sum(-2), seqlen)
-        # Adjoint of the state, s_t = dL/dh_t (h_t feeds y_t and h_{t+1}): the recurrence run backwards.
-        s = linear_scan_reverse(dA, g_s.unsqueeze(-1) * C_s.unsqueeze(-2))
-        # From h_t = dA_t h_{t-1} + dBu_t: dL/d(dBu_t) = s_t and w_t = dL/d(delta_t A) = s_t * h_{t-1} * dA_t.
-        w = s * dA
-        w[1:] *= h[:-1]  # h_{t-1} within a chunk ...
-        w[0, 1:] *= h[-1, :-1]  # ... and across the boundary from the previous chunk
-        w[0, 0].zero_()  # h_{-1} = 0
-        A_c = A.to(cdt)
-        g_dtu = (s * B_s.unsqueeze(-2)).sum(-1)  # dL/d(delta_t u_t)
-        g_dt = (w * A_c).sum(-1) + g_dtu * u_s
-        gA = w.mul_(dt_s.unsqueeze(-1)).sum((0, 1, 2)).to(A.dtype)
-        gB = _from_scan((s * (dt_s * u_s).unsqueeze(-1)).sum(-2), seqlen)
+def backward(gout, u, delta, A, B, C, D, z, delta_bias, softplus, dA, h, y):
+    """Gradients (u, delta, A, B, C, D, z, delta_bias) from ``forward``'s residuals; None for absent inputs."""
+    seqlen = u.shape[-1]
+    cdt, delta_raw, _, u_s, dt_s, B_s, C_s = _layout(u, delta, B, C, delta_bias, softplus)
+    k, nc = dt_s.shape[:2]
+    g = gout.to(cdt)
 
-        gu = _from_scan(g_dtu * dt_s, seqlen)
-        if D is not None:
-            gu = gu + g * D.to(cdt)[:, None]
-        g_dt = _from_scan(g_dt, seqlen)
-        if ctx.delta_softplus:
-            g_dt = g_dt * torch.sigmoid(delta_raw)
-        g_bias = None if delta_bias is None else g_dt.sum((0, 2)).to(delta_bias.dtype)
-        return (gu.to(u.dtype), g_dt.to(ctx.delta_dtype), gA, gB.to(B.dtype), gC.to(C.dtype), gD, gz, g_bias,
-                None, None)
+    gz = None
+    if z is not None:
+        zc = z.to(cdt)
+        sig = torch.sigmoid(zc)
+        gz = (g * y * sig * (1 + zc * (1 - sig))).to(z.dtype)
+        g = g * zc * sig
+    gD = None if D is None else (g * u.to(cdt)).sum((0, 2)).to(D.dtype)
+
+    g_s = _to_scan(g, k, nc, cdt)  # dL/dy, (K, nc, b, d)
+    gC = _from_scan((h * g_s.unsqueeze(-1)).sum(-2), seqlen)
+    # Adjoint of the state, s_t = dL/dh_t (h_t feeds y_t and h_{t+1}): the recurrence run backwards.
+    s = linear_scan_reverse(dA, g_s.unsqueeze(-1) * C_s.unsqueeze(-2))
+    # From h_t = dA_t h_{t-1} + dBu_t: dL/d(dBu_t) = s_t and w_t = dL/d(delta_t A) = s_t * h_{t-1} * dA_t.
+    w = s * dA
+    w[1:] *= h[:-1]  # h_{t-1} within a chunk ...
+    w[0, 1:] *= h[-1, :-1]  # ... and across the boundary from the previous chunk
+    w[0, 0].zero_()  # h_{-1} = 0
+    A_c = A.to(cdt)
+    g_dtu = (s * B_s.unsqueeze(-2)).sum(-1)  # dL/d(delta_t u_t)
+    g_dt = (w * A_c).sum(-1) + g_dtu * u_s
+    gA = w.mul_(dt_s.unsqueeze(-1)).sum((0, 1, 2)).to(A.dtype)
+    gB = _from_scan((s * (dt_s * u_s).unsqueeze(-1)).sum(-2), seqlen)
+
+    gu = _from_scan(g_dtu * dt_s, seqlen)
+    if D is not None:
+        gu = gu + g * D.to(cdt)[:, None]
+    g_dt = _from_scan(g_dt, seqlen)
+    if softplus:
+        g_dt = g_dt * torch.sigmoid(delta_raw)
+    g_bias = None if delta_bias is None else g_dt.sum((0, 2)).to(delta_bias.dtype)
+    return gu.to(u.dtype), g_dt.to(delta.dtype), gA, gB.to(B.dtype), gC.to(C.dtype), gD, gz, g_bias
