@@ -1,7 +1,8 @@
 """Throughput as the paper measures it: batch 128, AMP, channels_last, warm-up, then timed iterations.
 
     python benchmarks/throughput.py --model mambavision_t [--mode infer,train] [--batch 128] [--res 224]
-        [--amp fp16|bf16|fp32] [--scan auto|cuda|torch|mamba_ref] [--warmup 100] [--iters 500] [--device cuda]
+        [--amp fp16|bf16|fp32] [--scan auto|cuda|triton|torch|mamba_ref] [--warmup 100] [--iters 500] [--device cuda]
+        [--compile]
 
 The paper's figures: A100, fp16 autocast, 100 warm-up + 500 timed iterations, inference only. ``train`` times a
 full step (forward, cross-entropy, backward, AdamW) the same way.
@@ -20,10 +21,12 @@ import mambavision_train  # noqa: F401
 from common import machine
 
 
-def measure(model_name, mode, batch, res, amp, scan, warmup, iters, device, channels_last=True) -> float:
+def measure(model_name, mode, batch, res, amp, scan, warmup, iters, device, channels_last=True,
+            compile=False) -> float:
     model = timm.create_model(model_name, scan_impl=None if scan == "auto" else scan).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    net = torch.compile(model) if compile else model
     x = torch.randn(batch, 3, res, res, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[amp]
@@ -34,10 +37,10 @@ def measure(model_name, mode, batch, res, amp, scan, warmup, iters, device, chan
     def step():
         if mode == "infer":
             with torch.no_grad(), autocast():
-                model(x)
+                net(x)
         else:
             with autocast():
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(net(x), y)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -62,7 +65,8 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--res", type=int, default=224)
     ap.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "fp32"])
-    ap.add_argument("--scan", default="auto", help="comma-separated: auto, cuda, torch, mamba_ref")
+    ap.add_argument("--scan", default="auto", help="comma-separated: auto, cuda, triton, torch, mamba_ref")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up includes compiling)")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--iters", type=int, default=500)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,7 +79,8 @@ def main():
     for name in args.model.split(","):
         for mode in args.mode.split(","):
             for scan in args.scan.split(","):
-                ips = measure(name, mode, args.batch, args.res, args.amp, scan, args.warmup, args.iters, device)
+                ips = measure(name, mode, args.batch, args.res, args.amp, scan, args.warmup, args.iters, device,
+                              compile=args.compile)
                 print(f"| {name} | {mode} | {scan} | {ips:.1f} |", flush=True)
 
 

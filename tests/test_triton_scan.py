@@ -2,7 +2,6 @@
 scan. Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), so shapes
 stay small; the GPU check (benchmarks/gpu_check.sh) runs them compiled."""
 
-import os
 import subprocess
 import sys
 
