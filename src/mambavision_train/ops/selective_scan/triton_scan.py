@@ -1,7 +1,7 @@
 """Selective scan as two fused Triton kernels (forward, backward): any CUDA GPU, nothing to compile ahead of time.
 
 One program owns a block of channels of one image, with their (BLOCK_D, d_state) fp32 states in registers, and walks
-the sequence step by step (the loop over a chunk is unrolled, so the loads of later steps are issued ahead of the
+the sequence step by step (a few steps unrolled together, so the loads of later steps are issued ahead of the
 arithmetic of earlier ones). Nothing of size (b, d, l, n) ever reaches memory:
   forward   reads u, delta, B, C (z), writes y, and the state at the start of every chunk of CHUNK steps;
   backward  walks the chunks from the last: it recomputes the chunk's states from its checkpoint into a
@@ -28,6 +28,7 @@ class KernelConfig:
     block_d: int = 4  # channels per program; block_d * d_state states spread over the program's threads
     chunk: int = 32  # steps between checkpoints, unrolled in the kernels
     num_warps: int = 1
+    unroll: int = 4  # steps unrolled together: the loads of later steps issue early; the full chunk compiles slowly
 
 
 def default_config(dstate: int, seqlen: int) -> KernelConfig:
@@ -67,7 +68,7 @@ def _step_inputs(u_ptr, dt_ptr, B_ptr, C_ptr, bias, row, bn_row, t, m, m_n,
 def _scan_fwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr, last_ptr,
               dim, seqlen, dstate, nchunks,
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -83,7 +84,7 @@ def _scan_fwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_pt
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for c in range(nchunks):
         tl.store(ckpt_ptr + (pid_b * nchunks + c) * dim * dstate + dn, h, mask=mask_dn)
-        for k in tl.static_range(CHUNK):
+        for k in tl.range(0, CHUNK, loop_unroll_factor=UNROLL):
             t = c * CHUNK + k
             m = mask_d & (t < seqlen)
             u, dt, dt_raw, Bt, Ct = _step_inputs(u_ptr, dt_ptr, B_ptr, C_ptr, bias, row, bn_row, t, m,
@@ -104,7 +105,7 @@ def _scan_bwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gout_p
               gu_ptr, gdt_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr,
               dim, seqlen, dstate, nchunks,
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     nblocks = tl.num_programs(1)
@@ -131,7 +132,7 @@ def _scan_bwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gout_p
         c = nchunks - 1 - ci
         # Recompute the chunk's states from its checkpoint; keep h_{t-1} of every step.
         h = tl.load(ckpt_ptr + (pid_b * nchunks + c) * dim * dstate + dn, mask=mask_dn, other=0.0)
-        for k in tl.static_range(CHUNK):
+        for k in tl.range(0, CHUNK, loop_unroll_factor=UNROLL):
             t = c * CHUNK + k
             m = mask_d & (t < seqlen)
             u, dt, dt_raw, Bt, Ct = _step_inputs(u_ptr, dt_ptr, B_ptr, C_ptr, bias, row, bn_row, t, m,
@@ -139,7 +140,7 @@ def _scan_bwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gout_p
             tl.store(scratch + k * BLOCK_D * BLOCK_N, h)
             h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
         # The adjoint, from the chunk's last step to its first.
-        for kk in tl.static_range(CHUNK):
+        for kk in tl.range(0, CHUNK, loop_unroll_factor=UNROLL):
             k = CHUNK - 1 - kk
             t = c * CHUNK + k
             m = mask_d & (t < seqlen)
@@ -187,7 +188,7 @@ def _scan_bwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gout_p
 
 def _flags(D, z, delta_bias, softplus, cfg, dstate):
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-                BLOCK_D=cfg.block_d, BLOCK_N=triton.next_power_of_2(dstate), CHUNK=cfg.chunk,
+                BLOCK_D=cfg.block_d, BLOCK_N=triton.next_power_of_2(dstate), CHUNK=cfg.chunk, UNROLL=cfg.unroll,
                 num_warps=cfg.num_warps)
 
 
