@@ -105,16 +105,27 @@ def label(ax, text: str, ylabel: str):
     ax.set_ylabel(ylabel, fontsize=8)
 
 
+def epoch_axis(ax):
+    from matplotlib.ticker import MaxNLocator
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(left=0)
+
+
+def aside(path: Path) -> Path:
+    """Where to write ``path`` before renaming it into place: a reader (a browser, a copy mid-run) never sees half a
+    file, and two writers at once (paper_table.sbatch's array elements) each rename a whole one."""
+    return Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+
+
 def save(fig, path: Path):
-    """Written aside and renamed: a reader (a browser, a copy mid-run) never sees half a PNG."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp = aside(path)
     fig.savefig(tmp, format="png", dpi=DPI)
     os.replace(tmp, path)
 
 
 def draw(data: dict, path: Path, title: str = ""):
     """curves.png: the six panels of PANELS against epochs, CURVES_PX pixels."""
-    from matplotlib.ticker import MaxNLocator
     fig, axes = figure(CURVES_INCHES, 2, 3, sharex=True)
     for ax, (name, ylabel, scale, lines) in zip(axes.flat, PANELS):
         label(ax, name, ylabel)
@@ -136,9 +147,7 @@ def draw(data: dict, path: Path, title: str = ""):
         elif drawn > 1:
             ax.legend(frameon=False, fontsize=7)
     for ax in axes[-1]:
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlim(left=0)
+        epoch_axis(ax)
     if title:
         fig.suptitle(title, fontsize=10, x=0.01, ha="left")
     save(fig, path)

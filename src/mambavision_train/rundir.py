@@ -70,12 +70,12 @@ def start(run_dir: Path, cfg, log: RunLog, world_size: int):
 
 
 def write_csv(rows: list[dict], path: Path):
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = curves.aside(path)
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(curves.CSV_COLUMNS))
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-    os.replace(tmp, path)  # a reader (or a copy to a laptop mid-run) never sees half a file
+    os.replace(tmp, path)
 
 
 def update(run_dir: Path, log: RunLog):
