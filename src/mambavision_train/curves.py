@@ -23,17 +23,20 @@ CSV_COLUMNS = {
     "time": "time",
 }
 STEP_SERIES = ("train/loss", "train/lr", "train/img_per_s", "train/data_wait_frac")
-EPOCH_SERIES = ("train/epoch_loss", "val/top1", "val_ema/top1", "val/loss", "val_ema/loss")
+EPOCH_SERIES = ("val/top1", "val_ema/top1", "val/loss", "val_ema/loss")  # measured at the epoch's end
+EPOCH_MEANS = ("train/epoch_loss", "train/epoch_img_per_s", "train/epoch_data_wait_frac")  # over the epoch
 
 # (title, y label, y scale (None: a power of ten in the label), [(series, legend label, style)]): the six small
-# multiples of curves.png.
+# multiples of curves.png. What is measured per logged step is noisy: a faint line, the epoch's value over it.
 PANELS = (
-    ("training loss", "loss", 1, [("train/loss", "per step", "step"), ("train/epoch_loss", "epoch mean", "dark")]),
+    ("training loss", "loss", 1, [("train/loss", "logged steps", "step"), ("train/epoch_loss", "epoch mean", "dark")]),
     ("learning rate", "lr", None, [("train/lr", None, "line")]),
     ("validation top-1", "top-1 (%)", 1, [("val/top1", "base", "base"), ("val_ema/top1", "EMA", "ema")]),
     ("validation loss", "loss", 1, [("val/loss", "base", "base"), ("val_ema/loss", "EMA", "ema")]),
-    ("throughput", "images / s", 1, [("train/img_per_s", None, "line")]),
-    ("waiting for data", "% of the time", 100, [("train/data_wait_frac", None, "line")]),
+    ("throughput", "images / s", 1, [("train/img_per_s", "logged steps", "step"),
+                                     ("train/epoch_img_per_s", "epoch", "dark")]),
+    ("waiting for data", "% of the time", 100, [("train/data_wait_frac", "logged steps", "step"),
+                                                ("train/epoch_data_wait_frac", "epoch", "dark")]),
 )
 # Okabe-Ito colours: distinguishable with colour blindness and in greyscale print.
 STYLES = {"step": dict(color="#9a9a9a", lw=0.7), "dark": dict(color="#222222", lw=1.4, marker="o", ms=2.5),
@@ -72,15 +75,16 @@ def epoch_rows(records: list[dict]) -> list[dict]:
 
 def series(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     """What curves.png plots: series -> (x in epochs, y). Steps sit at the fraction of training done when they were
-    logged (``train/epochs_done``), an epoch's values at its end (epoch + 1)."""
+    logged (``train/epochs_done``), validation at the epoch's end (epoch + 1), an epoch's means at its middle."""
     out = {}
     steps, epochs = step_records(records), epoch_records(records)
     for key in STEP_SERIES:
         pts = [(r.get("train/epochs_done", r.get("train/epoch", 0)), r[key]) for r in steps if key in r]
         out[key] = ([x for x, _ in pts], [y for _, y in pts])
-    for key in EPOCH_SERIES:
-        pts = [(r["train/epoch"] + 1, r[key]) for r in epochs if key in r and "train/epoch" in r]
-        out[key] = ([x for x, _ in pts], [y for _, y in pts])
+    for keys, at in ((EPOCH_SERIES, 1.0), (EPOCH_MEANS, 0.5)):
+        for key in keys:
+            pts = [(r["train/epoch"] + at, r[key]) for r in epochs if key in r and "train/epoch" in r]
+            out[key] = ([x for x, _ in pts], [y for _, y in pts])
     return out
 
 
@@ -139,7 +143,8 @@ def draw(data: dict, path: Path, title: str = ""):
         for key, legend, style in lines:
             xs, ys = data.get(key, ([], []))
             if xs:
-                ax.plot(xs, [y * scale for y in ys], label=legend, **STYLES[style])
+                style = STYLES[style] if len(xs) <= 40 else {**STYLES[style], "marker": None}  # dots for few points
+                ax.plot(xs, [y * scale for y in ys], label=legend, **style)
                 drawn += 1
         if not drawn:
             ax.text(0.5, 0.5, "not logged yet", transform=ax.transAxes, ha="center", va="center", fontsize=8,

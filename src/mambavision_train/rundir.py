@@ -69,12 +69,19 @@ def start(run_dir: Path, cfg, log: RunLog, world_size: int):
         f"{' '.join(overrides)}".rstrip(), console=False)
 
 
+def cell(column: str, value) -> str:
+    """Six significant digits, enough to read and plot (metrics.jsonl keeps every digit); the time as logged."""
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) and column != "time" else str(value)
+
+
 def write_csv(rows: list[dict], path: Path):
     tmp = curves.aside(path)
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(curves.CSV_COLUMNS))
         writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+        writer.writerows({k: cell(k, v) for k, v in row.items()} for row in rows)
     os.replace(tmp, path)
 
 

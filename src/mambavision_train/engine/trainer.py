@@ -363,14 +363,14 @@ class Trainer:
             best = metrics[key] > st.best_top1
             if best:
                 st.best_top1, st.best_epoch = metrics[key], st.epoch
-            shown = {**metrics, "train/epoch_time_s": speed["time_s"]}
-            metrics.update(shown, **{"train/epoch": st.epoch, "train/lr": self.optimizer.param_groups[0]["lr"],
-                                     "train/epoch_loss": st.epoch_loss_sum / st.epoch_loss_steps
-                                     if st.epoch_loss_steps else float("nan"),
-                                     "train/epoch_img_per_s": speed["img_per_s"],
-                                     "train/epoch_data_wait_frac": speed["data_wait_frac"]})
-            self.logger.log(metrics, st.global_step)
-            self.log(f"val epoch {st.epoch} " + " ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+            metrics["train/epoch_time_s"] = speed["time_s"]
+            self.log(f"val epoch {st.epoch} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            # The epoch's row of metrics.csv (curves.py): what this record holds beyond the line above.
+            mean_loss = st.epoch_loss_sum / st.epoch_loss_steps if st.epoch_loss_steps else float("nan")
+            self.logger.log({**metrics, "train/epoch": st.epoch, "train/epoch_loss": mean_loss,
+                             "train/lr": self.optimizer.param_groups[0]["lr"],
+                             "train/epoch_img_per_s": speed["img_per_s"],
+                             "train/epoch_data_wait_frac": speed["data_wait_frac"]}, st.global_step)
             self.summarize()
             st.epoch, st.step, st.epoch_loss_sum, st.epoch_loss_steps = st.epoch + 1, 0, 0.0, 0
             self.save(best=best)
