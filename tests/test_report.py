@@ -170,6 +170,8 @@ def test_curves_keep_the_last_record_of_a_repeated_step_or_epoch(tmp_path):
     assert data["val/top1"] == ([1, 2], [10.0, 30.0]) and data["val_ema/top1"] == ([], [])
     rows = curves.epoch_rows(curves.read_records(path))
     assert [(r["epoch"], r["val_top1"], r["val_ema_top1"]) for r in rows] == [(0, 10.0, None), (1, 30.0, None)]
+    legacy = [{k: v for k, v in r.items() if k != "train/epoch"} if "val/top1" in r else r for r in recs[:6]]
+    assert [r["train/epoch"] for r in curves.epoch_records(legacy)] == [0, 1]  # records of older runs: no epoch
     curves.draw(data, tmp_path / "curves.png", title="test")  # EMA off: that line is simply not drawn
     with Image.open(tmp_path / "curves.png") as png:
         assert png.size == curves.CURVES_PX

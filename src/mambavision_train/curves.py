@@ -65,7 +65,10 @@ def step_records(records: list[dict]) -> list[dict]:
 
 
 def epoch_records(records: list[dict]) -> list[dict]:
-    return sorted({r.get("train/epoch"): r for r in records if "val/top1" in r}.values(), key=lambda r: r["step"])
+    ends = sorted({r.get("train/epoch", ("step", r["step"])): r for r in records if "val/top1" in r}.values(),
+                  key=lambda r: r["step"])
+    # Runs logged before epoch records named their epoch: the n-th epoch's end is the n-th one.
+    return [r if "train/epoch" in r else {**r, "train/epoch": n} for n, r in enumerate(ends)]
 
 
 def epoch_rows(records: list[dict]) -> list[dict]:
