@@ -23,10 +23,16 @@ def faults(env: dict, **faults) -> dict:
     return {**env, "PYTHONPATH": path, **{f"MV_FAULT_{k}": str(v) for k, v in faults.items()}}
 
 
-def run(script, *overrides, env, check=True, timeout=600, prefix=()):
-    """``python script overrides`` (or ``prefix... script overrides``, e.g. torchrun) from the repository root."""
+def run(script, *overrides, env, check=True, timeout=600, prefix=(), stdout=None):
+    """``python script overrides`` (or ``prefix... script overrides``, e.g. torchrun) from the repository root.
+    ``stdout``: a file that gets the standard output, as under a batch scheduler (``res.stdout`` is then its text)."""
     cmd = [*(prefix or [sys.executable]), str(ROOT / script), *overrides]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if stdout is None:
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        with open(stdout, "w") as f:
+            res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.PIPE, text=True, timeout=timeout)
+        res.stdout = Path(stdout).read_text()
     if check and res.returncode != 0:
         raise AssertionError(f"{script} {overrides} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res

@@ -147,8 +147,9 @@ def test_resume_on_another_world_size_is_refused_or_announced(env, tmp_path, fiv
     assert final_state(d)["state"]["global_step"] == 7 and final_state(d)["world_size"] == 2
 
 
-def test_an_experiment_with_another_model_gets_its_own_run_dir():
+def test_an_experiment_with_another_model_gets_its_own_run_dir(monkeypatch):
     from hydra import compose, initialize_config_dir
+    monkeypatch.delenv("MAMBAVISION_RUNS", raising=False)  # the default root, runs/
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         b = compose("train", overrides=["experiment=paper_mambavision_b"])
         t = compose("train", overrides=["experiment=paper_mambavision_b", "model=mambavision_t"])

@@ -85,6 +85,8 @@ def test_paper_table_array_job_trains_and_evaluates_two_demo_runs(cluster, job_e
         summary = final_state(table / f"{i}-demo")
         assert summary["state"]["epoch"] == 1 and summary["state"]["best_top1"] > 10.0
         assert f"{i}-demo/checkpoints/ema_best.pth" in "".join(rows)
+    report = (table / "report" / "report.md").read_text()  # each element rewrote it after its eval
+    assert "| mambavision_demo |" in report and (table / "report" / "reproduction.png").is_file()
 
 
 def test_requeue_and_preemption_resume_to_identical_weights(cluster, job_env, tmp_path):

@@ -49,22 +49,32 @@ def config_error(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
-def run_main(fn):
+def ending(e: BaseException) -> tuple[str, int] | None:
+    """The one line and exit status of an exception that ends a run as it may (a bad request, a stop on a signal
+    after the checkpoint); None for anything else (a bug: its traceback is wanted)."""
     from .config import ConfigError
     from .data import DataError
     from .data.convert import ConversionError
-    from .distributed import cleanup
     from .engine.resume import ResumeError
     from .engine.trainer import TrainingError
     from .models import CheckpointError
     from .preemption import Stopped
+    if isinstance(e, Stopped):  # a checkpoint was written; the scheduler brings the job back if it should
+        return str(e), e.code
+    if isinstance(e, (ConfigError, TrainingError, ResumeError, DataError, CheckpointError, ConversionError)):
+        return f"error: {e}", 2
+    return None
+
+
+def run_main(fn):
+    from .distributed import cleanup
     try:
         return fn()
-    except Stopped as e:  # a checkpoint was written; the scheduler brings the job back if it should
-        say(str(e))
-        sys.exit(e.code)
-    except (ConfigError, TrainingError, ResumeError, DataError, CheckpointError, ConversionError) as e:
-        say(f"error: {e}")
-        sys.exit(2)
+    except Exception as e:
+        end = ending(e)
+        if end is None:
+            raise
+        say(end[0])
+        sys.exit(end[1])
     finally:
         cleanup()

@@ -154,7 +154,8 @@ class TrainConfig:
     dist: DistConfig = MISSING
     logger: LoggerConfig = MISSING
     run_name: str = "${model.name}"
-    run_dir: str = "runs/${run_name}"  # shared by every rank and every restart: resume=auto looks here
+    run_root: str = "${oc.env:MAMBAVISION_RUNS,runs}"  # where run directories go: scratch storage on a cluster
+    run_dir: str = "${run_root}/${run_name}"  # shared by every rank and every restart: resume=auto looks here
     resume: str = "auto"  # auto: the newest checkpoint in run_dir that loads, if any | never | a path
     resume_allow_changes: bool = False  # resume a checkpoint of another recipe or world size, with the new values
     init_from: Optional[str] = None  # fine-tune: start from these weights (our run dir or checkpoint: EMA; an
@@ -252,6 +253,14 @@ def check_source(key: str, source: str | None):
                           f"repo id like nvidia/MambaVision-T-1K)")
 
 
+def check_run_root(cfg):
+    """An empty run_root (MAMBAVISION_RUNS='') would put run_dir=${run_root}/NAME at the filesystem's root."""
+    from omegaconf import OmegaConf
+    raw = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["run_dir"]), resolve=False)["run_dir"]
+    if not str(cfg.run_root).strip() and "${run_root}" in str(raw):
+        raise ConfigError("run_root is empty (MAMBAVISION_RUNS set to ''?); set run_root=DIR or run_dir=DIR")
+
+
 def check_model(cfg):
     import timm
     from . import models  # noqa: F401  (registers the variants)
@@ -300,6 +309,7 @@ def validate_train(cfg, world_size: int) -> int:
     check_device(cfg.device)
     check_scan(cfg)
     check_source("init_from", cfg.init_from)
+    check_run_root(cfg)
     for key, lo in (("epochs", 1), ("batch_size", 1), ("micro_batch_size", 1), ("eval_batch_size", 1), ("seed", 0),
                     ("log_every", 1), ("max_steps", 1), ("checkpoint.every_n_steps", 0), ("checkpoint.keep_last_n", 1),
                     ("sched.warmup_epochs", 0), ("sched.warmup_lr", 0), ("sched.min_lr", 0),

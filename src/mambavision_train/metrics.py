@@ -1,6 +1,6 @@
-"""Where metrics go, on rank 0 only: W&B (online, offline or disabled), metrics.jsonl in the run directory, and
-one greppable console line per log. The W&B run id is kept in checkpoints, so a resumed run continues the same run
-with larger steps. ``Throughput`` measures what those lines report about speed."""
+"""Where metrics go, on rank 0 only: W&B (online, offline or disabled) and metrics.jsonl in the run directory (the
+greppable console lines are the trainer's, through its RunLog). The W&B run id is kept in checkpoints, so a resumed
+run continues the same run with larger steps. ``Throughput`` measures what those lines report about speed."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class MetricsLogger:
                                     resume="allow", mode=cfg.mode, dir=str(run_dir), config=config,
                                     settings=wandb.Settings(init_timeout=120))
 
-    def log(self, metrics: dict, step: int, console: str | None = None):
+    def log(self, metrics: dict, step: int):
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **metrics}
@@ -35,8 +35,6 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        if console:
-            print(console, flush=True)
 
     def summary(self, values: dict):
         if self.wandb is not None:
@@ -50,19 +48,32 @@ class MetricsLogger:
 
 class Throughput:
     """Images per second and the fraction of time spent waiting for data since the last report, and the time left
-    for the whole run (not only the epoch) at the pace this process has kept so far, validation included."""
+    for the whole run (not only the epoch) at the pace this process has kept so far, validation included. The same
+    over the training part of an epoch (``start_epoch`` .. ``epoch_report``), for metrics.csv."""
 
     def __init__(self, images_per_step: int, total_steps: int, done_steps: int):
         self.images_per_step, self.total, self.first = images_per_step, total_steps, done_steps
         self.done, self.steps, self.wait = done_steps, 0, 0.0
         self.t0 = self.t_last = time.perf_counter()
+        self.start_epoch()
+
+    def start_epoch(self):
+        self.epoch_t0, self.epoch_steps, self.epoch_wait = time.perf_counter(), 0, 0.0
 
     def waited(self, seconds: float):
         self.wait += seconds
+        self.epoch_wait += seconds
 
     def step(self):
         self.steps += 1
         self.done += 1
+        self.epoch_steps += 1
+
+    def epoch_report(self) -> dict:
+        """This process's part of the epoch (all of it unless the run resumed inside it)."""
+        dt = max(time.perf_counter() - self.epoch_t0, 1e-9)
+        return {"time_s": dt, "img_per_s": self.images_per_step * self.epoch_steps / dt,
+                "data_wait_frac": self.epoch_wait / dt}
 
     def report(self) -> dict:
         now = time.perf_counter()

@@ -41,8 +41,8 @@ class Stopped(Exception):
 
 
 class StopSignals:
-    def __init__(self, device: torch.device, is_main: bool):
-        self.device, self.is_main = device, is_main
+    def __init__(self, device: torch.device, is_main: bool, log=None):
+        self.device, self.is_main, self.log = device, is_main, log  # log: the run's RunLog, for train.log
         self.received = 0  # PRIORITY of the strongest signal seen by this rank
         self.previous = {}
         for sig in PRIORITY:
@@ -53,7 +53,10 @@ class StopSignals:
 
     def _handler(self, signum, frame):
         if not self.received:
-            say(f"received {signal.Signals(signum).name}: checkpointing after this step")
+            line = f"received {signal.Signals(signum).name}: checkpointing after this step"
+            say(line)
+            if self.log is not None:
+                self.log(line, console=False)
         self.received = max(self.received, PRIORITY[signum])
 
     def requested(self) -> signal.Signals | None:

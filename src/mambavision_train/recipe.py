@@ -97,10 +97,10 @@ def as_markdown(rows) -> str:
     return "\n".join(["# Recipe", "", "| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]) + "\n"
 
 
-def announce(cfg, run_dir: Path, **kwargs):
-    """Rank 0: print the recipe block and write it to ``run_dir/recipe.md``."""
+def announce(cfg, run_dir: Path, out=print, **kwargs):
+    """Rank 0: print the recipe block (through ``out``, the run's log) and write it to ``run_dir/recipe.md``."""
     rows = describe(cfg, paper=paper_config(cfg), **kwargs)
-    print(as_text(rows), flush=True)
+    out(as_text(rows))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.md").write_text(as_markdown(rows))
     return rows

@@ -57,15 +57,27 @@ def run_eval(cfg) -> dict:
     return out
 
 
+def read_table(path: Path) -> list[dict]:
+    """The rows of a table that ``append_row`` wrote, as the dicts it was given ("-" read back as None)."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines()[2:], start=3):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 7:
+            continue
+        number = lambda c: None if c == "-" else float(c)
+        try:
+            rows.append({"model": cells[0], "weights": cells[1], "top1": float(cells[2]), "top5": float(cells[3]),
+                         "paper_top1": number(cells[4]), "difference": number(cells[5]), "count": int(cells[6])})
+        except ValueError:
+            raise ValueError(f"{path}, line {n}: not a row of eval.py's table ({line.strip()[:80]})") from None
+    return rows
+
+
 def table_row(path: Path, model: str, source: str) -> dict | None:
     """The row of ``path`` for this model and these weights, if there is one."""
     if not path.is_file():
         return None
-    for line in path.read_text().splitlines()[2:]:
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and cells[0] == model and cells[1].startswith(f"{source} ("):
-            return {"model": model, "weights": cells[1], "top1": float(cells[2]), "top5": float(cells[3])}
-    return None
+    return next((r for r in read_table(path) if r["model"] == model and r["weights"].startswith(f"{source} (")), None)
 
 
 def append_row(path: Path, r: dict):

@@ -40,8 +40,9 @@ def checkpoints_to_try(run_dir: Path, resume: str) -> list[Path]:
     return found
 
 
-def load_first_good(checkpoints: ckpt.RunCheckpoints, paths, cfg, world_size: int, modules, device):
-    """Restore the first of ``paths`` that loads and holds finite weights, on every rank.
+def load_first_good(checkpoints: ckpt.RunCheckpoints, paths, cfg, world_size: int, modules, device, log=print):
+    """Restore the first of ``paths`` that loads and holds finite weights, on every rank; ``log`` prints rank 0's
+    warnings (the run's RunLog).
 
     Returns (path, meta, [(skipped path, why)], whether changes were allowed)."""
     failed = []
@@ -60,7 +61,7 @@ def load_first_good(checkpoints: ckpt.RunCheckpoints, paths, cfg, world_size: in
     for path in paths:
         state, why = attempt(checkpoints.read, path)
         if everywhere(why is None):
-            allowed = check_same_run(cfg, state, path, world_size, checkpoints.is_main)
+            allowed = check_same_run(cfg, state, path, world_size, log if checkpoints.is_main else None)
             _, why = attempt(checkpoints.restore, path, state)
             if everywhere(why is None):
                 if ckpt.finite(modules, device):
@@ -71,8 +72,9 @@ def load_first_good(checkpoints: ckpt.RunCheckpoints, paths, cfg, world_size: in
                       f"resume=PATH picks one, run_dir=NEW starts over")
 
 
-def check_same_run(cfg, state: dict, path: Path, world_size: int, is_main: bool) -> bool:
-    """Refuse a resume that would silently mix two runs; returns whether recipe changes were allowed."""
+def check_same_run(cfg, state: dict, path: Path, world_size: int, log=None) -> bool:
+    """Refuse a resume that would silently mix two runs; returns whether recipe changes were allowed. ``log``
+    (rank 0's) says which changes are applied."""
     stored = OmegaConf.create(state["config"])
     changed = [(k, a, b) for k, b, a in differences(cfg, stored) if k not in RESUMABLE_CHANGES]
     world = state["world_size"] != world_size
@@ -83,8 +85,8 @@ def check_same_run(cfg, state: dict, path: Path, world_size: int, is_main: bool)
     if not cfg.resume_allow_changes:
         raise ResumeError(f"{path} is another run: {what}. Use a new run_dir, or resume_allow_changes=true to continue "
                           f"this one with the new values")
-    if is_main:
-        print(f"warning: resuming {path} with changes ({what}): applied from global step "
-              f"{state['state']['global_step']} on" + ("; not bit-exact: the per-rank random generators cannot move "
-                                                       "to another number of ranks" if world else ""), flush=True)
+    if log is not None:
+        log(f"warning: resuming {path} with changes ({what}): applied from global step "
+            f"{state['state']['global_step']} on" + ("; not bit-exact: the per-rank random generators cannot move "
+                                                     "to another number of ranks" if world else ""))
     return bool(changed)

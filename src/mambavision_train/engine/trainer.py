@@ -23,7 +23,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
-from .. import recipe
+from .. import recipe, rundir
 from ..config import validate_train
 from ..data import AugConfig, DataConfig, Shard, build_loader, from_config
 from ..data import check as check_data
@@ -34,6 +34,7 @@ from ..models.pretrained import CheckpointError, init_from
 from ..optim import build_optimizer, build_scheduler, freeze
 from ..parallel import clip_grad_norm, grad_sync, is_sharded, parallelize
 from ..preemption import StopSignals
+from ..rundir import RunLog
 from .ema import EMA
 from .evaluate import AMP_NAMES, amp_dtype, create_model, evaluate, variant_data_args
 from .mesa import mesa_active, mesa_loss
@@ -53,6 +54,8 @@ class TrainState:
     best_epoch: int = -1
     skipped_steps: int = 0
     wandb_id: str | None = None  # the W&B step is global_step
+    epoch_loss_sum: float = 0.0  # finite step losses of the epoch in progress, for its mean in metrics.csv; kept
+    epoch_loss_steps: int = 0  # in the checkpoint so that a mid-epoch resume still averages the whole epoch
 
 
 class Trainer:
@@ -64,12 +67,21 @@ class Trainer:
         for split in (self.data_cfg.train_split, self.data_cfg.val_split):
             check_data(self.data_cfg, split)
         self.dist: DistInfo = init_distributed(cfg.device)
-        self.stops, self.stopping = StopSignals(self.dist.device, self.dist.is_main), None
         self.run_dir = Path(cfg.run_dir)
+        # Rank 0's lines from here on go to train.log too, the line that ends the run included.
+        self.log = RunLog(self.run_dir / "train.log" if self.dist.is_main else None)
+        with self.log.failures():
+            self.build()
+
+    # ------------------------------------------------------------------------------------------------- build
+    def build(self):
+        cfg = self.cfg
+        self.stops, self.stopping = StopSignals(self.dist.device, self.dist.is_main, log=self.log), None
         self.dtype = amp_dtype(cfg.amp, self.dist.device)
         if self.dist.is_main:
-            recipe.announce(cfg, self.run_dir, world_size=self.dist.world_size, accumulation=self.accum,
-                            amp=AMP_NAMES[self.dtype], device=str(self.dist.device))
+            rundir.start(self.run_dir, cfg, self.log, self.dist.world_size)
+            recipe.announce(cfg, self.run_dir, out=self.log, world_size=self.dist.world_size,
+                            accumulation=self.accum, amp=AMP_NAMES[self.dtype], device=str(self.dist.device))
         self.state = TrainState()
         self.live = self.dist.is_main and cfg.progress and sys.stdout.isatty()  # progress bars, else log lines
         self._seed(cfg.seed)  # the same initial weights on every rank
@@ -109,8 +121,8 @@ class Trainer:
         self.state.wandb_id = self.logger.run_id
         total = self.total_epochs * self.steps_per_epoch
         self.meter = Throughput(cfg.batch_size, min(total, cfg.max_steps or total), self.state.global_step)
+        self.summarized_at = None  # the global step metrics.csv and curves.png were last written at
 
-    # ------------------------------------------------------------------------------------------------- build
     def _seed(self, seed):
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -124,8 +136,7 @@ class Trainer:
                 loaded = init_from(model, self.cfg.init_from, str(self.cfg.init_head))
             except CheckpointError as e:
                 raise TrainingError(f"init_from: {e}") from None
-            if self.dist.is_main:
-                print(loaded, flush=True)
+            self.log(loaded)
         freeze(model, str(self.cfg.model.freeze))
         if self.cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
@@ -196,10 +207,11 @@ class Trainer:
         if not paths:
             return
         path, state, failed, allowed = load_first_good(self.checkpoints, paths, self.cfg, self.dist.world_size,
-                                                       list(self.weight_modules().values()), self.dist.device)
-        if failed and self.dist.is_main:
-            print(f"warning: skipped {', '.join(f'{p.name} ({why})' for p, why in failed)}; resuming from the newest "
-                  f"checkpoint that loads: {path}", flush=True)
+                                                       list(self.weight_modules().values()), self.dist.device,
+                                                       self.log)
+        if failed:
+            self.log(f"warning: skipped {', '.join(f'{p.name} ({why})' for p, why in failed)}; resuming from the "
+                     f"newest checkpoint that loads: {path}")
         if allowed:  # the new schedule and hyper-parameters, from the restored step on
             for group, fresh in zip(self.optimizer.param_groups, self.fresh_groups):
                 group.update(fresh)
@@ -212,9 +224,8 @@ class Trainer:
             ckpt.set_rng_state(rngs[self.dist.rank])
             if state.get("bn_stats"):
                 self.set_bn_stats(state["bn_stats"][self.dist.rank])
-        if self.dist.is_main:
-            print(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step}/{self.steps_per_epoch}, "
-                  f"global step {self.state.global_step}", flush=True)
+        self.log(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step}/{self.steps_per_epoch}, "
+                 f"global step {self.state.global_step}")
 
     # ------------------------------------------------------------------------------------------------ steps
     def train_step(self, batches) -> dict:
@@ -266,9 +277,8 @@ class Trainer:
         what = "loss" if not torch.isfinite(losses).all() else "gradient"
         if self.cfg.nan_policy == "skip":
             st.skipped_steps += 1
-            if self.dist.is_main:
-                print(f"warning: non-finite {what} on some rank at {where}: step skipped on every rank "
-                      f"({st.skipped_steps} so far)", flush=True)
+            self.log(f"warning: non-finite {what} on some rank at {where}: step skipped on every rank "
+                     f"({st.skipped_steps} so far)")
             return {"loss": float("nan"), "grad_norm": float("nan"), "skipped": st.skipped_steps}
         last = ckpt.latest(self.run_dir)
         raise TrainingError(f"non-finite {what} (this rank: loss {losses.tolist()}, grad norm {grad_norm}) at {where}"
@@ -283,13 +293,16 @@ class Trainer:
         # A bar on a terminal; where nobody watches one (SLURM, nohup, a pipe) the periodic lines below instead.
         bar = tqdm(total=self.steps_per_epoch, initial=st.step, desc=f"epoch {st.epoch}", unit="step",
                    disable=not self.live, dynamic_ncols=True, leave=False)
-        t_epoch = time.perf_counter()
+        self.meter.start_epoch()
         while st.step < self.steps_per_epoch:
             self.scheduler.step_update(st.global_step + 1)  # the official schedule: lr of update k is sched(k)
             out = self.train_step(batches)
             st.step += 1
             st.global_step += 1
             self.meter.step()
+            if math.isfinite(out["loss"]):
+                st.epoch_loss_sum += out["loss"]
+                st.epoch_loss_steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.3f}")
             if st.global_step % cfg.log_every == 0 or st.step == self.steps_per_epoch:
@@ -301,20 +314,21 @@ class Trainer:
             if self.stopping or (cfg.max_steps and st.global_step >= cfg.max_steps):
                 break
         bar.close()
-        return time.perf_counter() - t_epoch
 
     def log_train(self, out: dict):
         st, speed = self.state, self.meter.report()
         metrics = {"train/loss": out["loss"], "train/grad_norm": out["grad_norm"],
                    "train/lr": self.optimizer.param_groups[0]["lr"], "train/img_per_s": speed["img_per_s"],
                    "train/data_wait_frac": speed["data_wait_frac"], "train/epoch": st.epoch,
+                   "train/epochs_done": st.epoch + st.step / self.steps_per_epoch,  # curves.png's x
                    "train/skipped_steps": st.skipped_steps}
         if torch.cuda.is_available():
             metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        self.logger.log(metrics, st.global_step, console=None if self.live else (
-            f"train epoch {st.epoch} step {st.step}/{self.steps_per_epoch} global {st.global_step} "
-            f"loss {out['loss']:.4f} lr {metrics['train/lr']:.3e} img/s {speed['img_per_s']:.1f} "
-            f"data {100 * speed['data_wait_frac']:.0f}% eta {duration(speed['eta_s'])}"))
+        self.logger.log(metrics, st.global_step)
+        # On a terminal the bar shows this; train.log gets the line either way.
+        self.log(f"train epoch {st.epoch} step {st.step}/{self.steps_per_epoch} global {st.global_step} "
+                 f"loss {out['loss']:.4f} lr {metrics['train/lr']:.3e} img/s {speed['img_per_s']:.1f} "
+                 f"data {100 * speed['data_wait_frac']:.0f}% eta {duration(speed['eta_s'])}", console=not self.live)
 
     def validate(self) -> dict:
         progress = (lambda it: tqdm(it, desc="val", leave=False, disable=not self.live))
@@ -329,41 +343,58 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
+        with self.log.failures():
+            return self.loop()
+
+    def loop(self) -> dict:
         cfg, st = self.cfg, self.state
         t_start, images = time.perf_counter(), 0
         metrics = {}
         while st.epoch < self.total_epochs and not (cfg.max_steps and st.global_step >= cfg.max_steps):
             steps_before = st.global_step
-            epoch_time = self.train_epoch()
+            self.train_epoch()
             images += (st.global_step - steps_before) * cfg.batch_size
             if st.step < self.steps_per_epoch:  # stopped by max_steps or a signal inside the epoch
                 self.save()
                 break
+            speed = self.meter.epoch_report()
             metrics = self.validate()
             key = "val_ema/top1" if self.ema else "val/top1"
             best = metrics[key] > st.best_top1
             if best:
                 st.best_top1, st.best_epoch = metrics[key], st.epoch
-            metrics["train/epoch_time_s"] = epoch_time
-            self.logger.log(metrics, st.global_step, console=f"val epoch {st.epoch} " + " ".join(
-                f"{k} {v:.3f}" for k, v in metrics.items()))
-            st.epoch, st.step = st.epoch + 1, 0
+            metrics["train/epoch_time_s"] = speed["time_s"]
+            self.log(f"val epoch {st.epoch} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            # The epoch's row of metrics.csv (curves.py): what this record holds beyond the line above.
+            mean_loss = st.epoch_loss_sum / st.epoch_loss_steps if st.epoch_loss_steps else float("nan")
+            self.logger.log({**metrics, "train/epoch": st.epoch, "train/epoch_loss": mean_loss,
+                             "train/lr": self.optimizer.param_groups[0]["lr"],
+                             "train/epoch_img_per_s": speed["img_per_s"],
+                             "train/epoch_data_wait_frac": speed["data_wait_frac"]}, st.global_step)
+            self.summarize()
+            st.epoch, st.step, st.epoch_loss_sum, st.epoch_loss_steps = st.epoch + 1, 0, 0.0, 0
             self.save(best=best)
             self.stopping = self.stopping or self.stops.requested()
             if self.stopping:
                 break
         elapsed = time.perf_counter() - t_start
+        self.summarize()
         summary = {"base_top1": metrics.get("val/top1"), "ema_top1": metrics.get("val_ema/top1"),
                    "best_top1": st.best_top1, "best_epoch": st.best_epoch, "img_per_s": images / max(elapsed, 1e-9),
                    "epochs": st.epoch, "global_step": st.global_step, "skipped_steps": st.skipped_steps,
                    "checkpoints": str(self.run_dir / "checkpoints"), "minutes": elapsed / 60}
         self.logger.summary(summary)
-        if self.dist.is_main:
-            print(summary_table(summary), flush=True)
+        self.log(summary_table(summary))
         self.logger.close()
         if self.stopping:
             raise self.stops.finish(self.stopping)  # every rank waits there until the checkpoint and requeue are done
         return summary
+
+    def summarize(self):
+        """Rank 0: metrics.csv and curves.png from what metrics.jsonl holds now (at most once per step)."""
+        if self.dist.is_main and self.summarized_at != self.state.global_step:
+            rundir.update(self.run_dir, self.log)
+            self.summarized_at = self.state.global_step
 
 
 def summary_table(s: dict) -> str:
