@@ -1,6 +1,7 @@
 """The MambaVision family against the official code: parameters, names, init, logits and gradients."""
 
 import argparse
+import copy
 
 import pytest
 import timm
@@ -89,6 +90,23 @@ def test_demo_model_runs_every_block_type(res):
     kinds = {type(m).__name__ for m in model.modules()}
     assert {"ConvBlock", "MambaVisionMixer", "Attention"} <= kinds
     assert model(torch.randn(2, 3, *res)).shape == (2, 10)
+
+
+def test_grad_checkpointing_changes_neither_gradients_nor_batchnorm_statistics():
+    """The recomputed forward draws the same DropPath masks and leaves BatchNorm's running statistics and batch count
+    as the one forward left them (torch.utils.checkpoint alone would update them twice per step)."""
+    torch.manual_seed(0)
+    plain = timm.create_model("mambavision_demo", img_size=32, drop_path_rate=0.3).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(4, 3, 32, 32)
+    for model in (plain, ckpt):
+        torch.manual_seed(1)
+        F.cross_entropy(model(x), torch.arange(4)).backward()
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-7, rtol=1e-6), name
 
 
 @pytest.mark.reference

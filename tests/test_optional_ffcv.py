@@ -1,7 +1,11 @@
 """FFCV is an optional extra: where it is not installed the package imports, the demo trains on the image folders,
-and asking for FFCV files (or converting to them) stops at once with one line that names the extra."""
+and asking for FFCV files (or converting to them) stops at once with one line that names the extra. The demo runs in
+the README's cluster install (a plain venv, pip only, no root), layered on the project's venv so that torch is not
+installed again."""
 
 import os
+import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -29,12 +33,55 @@ ONE_LINE = "needs the ffcv extra: pip install 'mambavision-train[ffcv]' (docs/da
 
 
 @pytest.fixture(scope="module")
-def no_ffcv(env, tmp_path_factory):
-    """``env`` where ffcv and numba cannot be imported, with its own empty data cache."""
+def hide_ffcv(tmp_path_factory) -> Path:
+    """A folder that makes ffcv and numba unimportable in any Python that has it on PYTHONPATH."""
     hook = tmp_path_factory.mktemp("no_ffcv")
     (hook / "sitecustomize.py").write_text(NOT_INSTALLED)
-    path = os.pathsep.join(p for p in (str(hook), env.get("PYTHONPATH")) if p)
+    return hook
+
+
+@pytest.fixture(scope="module")
+def no_ffcv(env, hide_ffcv, tmp_path_factory):
+    """``env`` where ffcv and numba cannot be imported, with its own empty data cache."""
+    path = os.pathsep.join(p for p in (str(hide_ffcv), env.get("PYTHONPATH")) if p)
     return {**env, "PYTHONPATH": path, "MAMBAVISION_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.fixture(scope="module")
+def pip_only(no_ffcv, hide_ffcv, tmp_path_factory):
+    """(python, env) of the README's install without root: a plain venv, this package installed by pip alone. Offline
+    and without installing torch again: the venv reaches the project venv's packages (torch, timm, hydra, ...) through
+    a path file, in place of the `pip install torch torchvision` step, and pip gets no index (--no-index --no-deps
+    --no-build-isolation). ffcv is hidden; the tests' own PYTHONPATH (a source checkout) is left out, so the package
+    can only come from the install."""
+    d = tmp_path_factory.mktemp("pip_only")
+    venv = d / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+    # Plain path lines, not site.addsitedir: the project venv's own .pth files, its editable install of this
+    # package among them, stay unread.
+    Path(purelib, "project_venv.pth").write_text("".join(f"{p}\n" for p in site.getsitepackages()))
+    # A copy of the sources: the build writes its egg-info and build folder next to them, not into the checkout.
+    src = d / "mambavision-train"
+    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    env = {**no_ffcv, "PYTHONPATH": str(hide_ffcv)}
+    res = subprocess.run([python, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
+                          "--ignore-installed", "--disable-pip-version-check", "-e", str(src)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return python, env
+
+
+WHERE = """
+import importlib.metadata, sys, mambavision_train, torch
+for path in (sys.prefix, importlib.metadata.distribution("mambavision-train").locate_file(""),
+             mambavision_train.__file__, torch.__file__):
+    print(path)
+"""
 
 
 IMPORTS = """
@@ -58,11 +105,19 @@ def test_the_package_and_the_entry_points_import_without_ffcv(no_ffcv):
     assert res.stdout.strip() == "[]"
 
 
-def test_the_demo_trains_on_the_digit_folders_without_ffcv(no_ffcv, tmp_path):
+def test_the_readme_pip_only_install_trains_the_demo_on_the_digit_folders_without_ffcv(pip_only, tmp_path):
+    python, env = pip_only
+    res = subprocess.run([python, "-c", WHERE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    prefix, dist, package, torch_file = res.stdout.splitlines()
+    venv = str(Path(python).parents[1])
+    assert prefix == venv and dist.startswith(venv), res.stdout  # installed into the new venv, by pip
+    assert not package.startswith(str(ROOT)), package  # from the copy pip installed, not this checkout
+    assert not torch_file.startswith(venv), torch_file  # torch was not installed again
     run("train.py", "experiment=demo", "data.kind=folder", "max_steps=3", "progress=false", "logger.mode=disabled",
-        f"run_dir={tmp_path / 'run'}", env=no_ffcv, timeout=300)
+        f"run_dir={tmp_path / 'run'}", env=env, timeout=300, prefix=[python])
     assert final_state(tmp_path / "run")["state"]["global_step"] == 3
-    digits = Path(no_ffcv["MAMBAVISION_CACHE"]) / "digits"
+    digits = Path(env["MAMBAVISION_CACHE"]) / "digits"
     assert (digits / "images" / ".complete").exists() and not list(digits.glob("*.beton"))  # folders only
 
 

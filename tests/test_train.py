@@ -3,6 +3,7 @@ W&B offline continuity, and eval of an official-format checkpoint."""
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -228,3 +229,39 @@ def test_compiled_training_step_equals_eager(env, tmp_path):
     for k, v in a.items():
         if v.is_floating_point():
             assert torch.allclose(v, b[k], atol=1e-4, rtol=1e-4), (k, (v - b[k]).abs().max())
+
+
+# Loaded at start-up (on PYTHONPATH): counts the blocks the model runs through torch.utils.checkpoint, so the test
+# sees that model.grad_checkpointing reaches the model, not only that the result is unchanged.
+COUNT_CHECKPOINTED = """
+import atexit, sys
+import mambavision_train.models.mambavision as mv
+calls, checkpoint = [], mv.checkpoint
+mv.checkpoint = lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs)
+atexit.register(lambda: print(f"checkpointed block calls: {len(calls)}", file=sys.stderr))
+"""
+
+
+@pytest.mark.slow
+def test_grad_checkpointing_trains_and_equals_the_plain_step(env, tmp_path):
+    """model.grad_checkpointing=true: every block's forward runs again in the backward, with the same DropPath masks
+    and without a second BatchNorm statistics update, so two SGD steps land where the plain ones do, BatchNorm's
+    running statistics and batch counts included."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(COUNT_CHECKPOINTED)
+    counted = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(hook), env.get("PYTHONPATH")) if p)}
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    steps = ["max_steps=2", "batch_size=32", "micro_batch_size=32", "model.drop_path_rate=0.2"]
+    a = run("train.py", *ONE_STEP, *steps, f"run_dir={plain}", env=counted)
+    b = run("train.py", *ONE_STEP, *steps, "model.grad_checkpointing=true", f"run_dir={ckpt}", env=counted)
+    assert "checkpointed block calls: 0" in a.stderr
+    calls = int(re.search(r"checkpointed block calls: (\d+)", b.stderr).group(1))
+    assert calls >= 2 * 4, b.stderr[-2000:]  # two steps of at least the four stages' blocks (validation runs none)
+    sa, sb = final_state(plain), final_state(ckpt)
+    assert sa["state"]["global_step"] == sb["state"]["global_step"] == 2
+    for k, v in sa["model"].items():
+        if v.is_floating_point():
+            assert torch.allclose(v, sb["model"][k], atol=1e-6, rtol=1e-5), (k, (v - sb["model"][k]).abs().max())
+        else:
+            assert torch.equal(v, sb["model"][k]), (k, v, sb["model"][k])  # num_batches_tracked

@@ -60,6 +60,8 @@ def ffcv_installed() -> bool:
 
 HOW_TO_PREPARE = ("prepare ImageNet with `python -m mambavision_train.data.convert /path/to/imagenet /path/to/ffcv` "
                   "(docs/data.md), or run the demo on bundled data: python train.py experiment=demo")
+HOW_TO_EXTRACT = ("extract ImageNet's archives with `python -m mambavision_train.data.imagenet_prep --archives DIR "
+                  "--out /path/to/imagenet` (docs/data.md)")
 
 
 def check(cfg: DataConfig, split: str) -> Path | None:
@@ -91,7 +93,7 @@ def check(cfg: DataConfig, split: str) -> Path | None:
         return path
     path = Path(cfg.folder_root or root).expanduser() / split
     if not path.is_dir():
-        raise DataError(f"{path} not found: data.root must hold {split}/<class>/<image> folders; {HOW_TO_PREPARE}")
+        raise DataError(f"{path} not found: data.root must hold {split}/<class>/<image> folders; {HOW_TO_EXTRACT}")
     from torchvision.datasets.folder import find_classes
     try:
         classes = len(find_classes(str(path))[0])  # one directory listing; ImageFolder's label is the folder's rank

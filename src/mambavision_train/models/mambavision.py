@@ -8,6 +8,7 @@ Unlike the official code, the selective scan runs without compiled kernels (``ma
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -194,6 +195,35 @@ def attention_block_indices(depth: int) -> list[int]:
     return list(range(depth // 2 + 1, depth)) if depth % 2 else list(range(depth // 2, depth))
 
 
+@contextlib.contextmanager
+def running_stats_kept(module: nn.Module):
+    """The BatchNorms in ``module`` run as in training (the same ops, so checkpoint finds the tensors it saved the
+    first time), with momentum 0 and their batch count put back: the running statistics stay as they are."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def checkpointed(block: nn.Module, x):
+    """``block(x)`` with its activations recomputed in the backward instead of kept. The recomputation runs the
+    block's forward a second time: left alone, the stage 1-2 BatchNorms would take every batch into their running
+    statistics twice, a different model from the one trained without checkpointing. DropPath draws the same masks
+    again (checkpoint replays the RNG state)."""
+    # Dynamo takes no context_fn, and needs none: compiled, the recomputation does not repeat BatchNorm's in-place
+    # update (the running statistics equal the plain step's; checked on the demo model, CPU and CUDA).
+    if torch.compiler.is_compiling():
+        return checkpoint(block, x, use_reentrant=False)
+    return checkpoint(block, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), running_stats_kept(block)))
+
+
 class MambaVisionLayer(nn.Module):
     """One stage: conv blocks (stages 1-2) or windowed hybrid blocks (stages 3-4), then an optional downsample."""
 
@@ -228,7 +258,7 @@ class MambaVisionLayer(nn.Module):
             Hp, Wp = x.shape[2:]
             x = window_partition(x, ws)
         for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+            x = checkpointed(blk, x) if self.grad_checkpointing and self.training else blk(x)
         if self.transformer_block:
             x = window_reverse(x, ws, Hp, Wp)
             if pad_r or pad_b:
