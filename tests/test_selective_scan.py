@@ -141,3 +141,40 @@ def test_package_imports_with_broken_mamba_ssm(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "torch.Size([1, 10]) ['torch']" in res.stdout
+
+
+def test_the_scan_is_one_operator_with_a_flop_formula():
+    from torch.utils.flop_counter import FlopCounterMode
+    from mambavision_train.ops.selective_scan import scan_macs
+
+    x = make_inputs(2, 6, 13, 4, False, True, True)
+    with FlopCounterMode(display=False) as counter:
+        out = selective_scan(**x, delta_softplus=True, impl="torch")
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts == {"mambavision.selective_scan": 2 * scan_macs(2, 6, 13, 4)}
+    with FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    assert counter.get_flop_counts()["Global"][torch.ops.mambavision.selective_scan_backward] \
+        == 4 * scan_macs(2, 6, 13, 4)
+    # Meta tensors go through the operator's fake implementation: shapes without computing anything.
+    meta = {k: None if v is None else v.detach().to("meta") for k, v in x.items()}
+    assert selective_scan(**meta, delta_softplus=True).shape == (2, 6, 13)
+
+
+def test_torch_compile_traces_the_model_in_one_graph():
+    """No graph break anywhere in MambaVision (torch._dynamo.explain); through AOTAutograd, which uses the operator's
+    fake implementation and autograd formula, logits and gradients equal eager mode."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("mambavision_demo").eval()
+    x = torch.randn(2, 3, 32, 32)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    eager_out, compiled_out = model(x), compiled(x)
+    assert torch.allclose(eager_out, compiled_out, atol=1e-6, rtol=1e-5)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), list(model.parameters()))
+    compiled_grads = torch.autograd.grad(compiled_out.square().sum(), list(model.parameters()))
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
