@@ -65,10 +65,10 @@ def _step_inputs(u_ptr, dt_ptr, B_ptr, C_ptr, bias, row, bn_row, t, m, m_n,
 
 
 @triton.jit
-def _scan_fwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr, last_ptr,
-              dim, seqlen, dstate, nchunks,
-              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+def _program_setup(A_ptr, D_ptr, bias_ptr, dim, seqlen, dstate, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's image and channels, their masks and offsets, and its rows of A, D and delta_bias (zeros when
+    absent)."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -77,10 +77,24 @@ def _scan_fwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_pt
     mask_dn = mask_d[:, None] & mask_n[None, :]
     dn = offs_d[:, None] * dstate + offs_n[None, :]
     A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32)
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else None
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     row = pid_b * dim * seqlen + offs_d * seqlen  # (b, d, 0) of each channel
     bn_row = pid_b * dstate * seqlen + offs_n * seqlen  # (b, n, 0) of each state
+    return pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn, dn, A, Dv, bias, row, bn_row
+
+
+@triton.jit
+def _scan_fwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr, last_ptr,
+              dim, seqlen, dstate, nchunks,
+              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+    pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn, dn, A, Dv, bias, row, bn_row = _program_setup(
+        A_ptr, D_ptr, bias_ptr, dim, seqlen, dstate, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for c in range(nchunks):
         tl.store(ckpt_ptr + (pid_b * nchunks + c) * dim * dstate + dn, h, mask=mask_dn)
@@ -106,20 +120,10 @@ def _scan_bwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gout_p
               dim, seqlen, dstate, nchunks,
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr):
-    pid_b = tl.program_id(0).to(tl.int64)
+    pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn, dn, A, Dv, bias, row, bn_row = _program_setup(
+        A_ptr, D_ptr, bias_ptr, dim, seqlen, dstate, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
     pid_d = tl.program_id(1)
     nblocks = tl.num_programs(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d[:, None] * dstate + offs_n[None, :]
-    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32)
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else None
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
-    row = pid_b * dim * seqlen + offs_d * seqlen
-    bn_row = pid_b * dstate * seqlen + offs_n * seqlen
     part_row = (pid_b * nblocks + pid_d) * dstate * seqlen + offs_n * seqlen  # this program's B/C partial sums
     # The program's own CHUNK states, (CHUNK, BLOCK_D, BLOCK_N): written and read back by the same threads.
     scratch = scratch_ptr + (pid_b * nblocks + pid_d) * (CHUNK * BLOCK_D * BLOCK_N) \
