@@ -1,6 +1,10 @@
 """Several processes on gloo: DDP and FSDP2 equal one process at the global batch; FSDP2 trains, writes sharded
 checkpoints, resumes exactly after SIGKILL and exports EMA weights the plain model loads."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -110,3 +114,46 @@ def test_two_ranks_with_real_randomness_resume_exactly_after_sigkill(env, tmp_pa
     a, b = final_state(whole), final_state(broken)
     assert a["state"]["global_step"] == 26 and a["world_size"] == 2
     assert_same_run(a, b)
+
+
+def test_the_launch_is_read_from_the_environment_not_written_to_it(monkeypatch):
+    from mambavision_train.distributed import Launch, env_world_size, launch_env, slurm_rendezvous
+    slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "1234",
+             "MASTER_ADDR": "10.0.0.7"}
+    assert launch_env(slurm) == Launch(rank=3, local_rank=1, world_size=4, by_slurm=True)
+    assert slurm_rendezvous(slurm) == "tcp://10.0.0.7:29734"  # the port from the job id: the same on every rank
+    assert slurm_rendezvous({**slurm, "MASTER_PORT": "4000"}) == "tcp://10.0.0.7:4000"
+    torchrun = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+    assert launch_env({**slurm, **torchrun}) == Launch(1, 1, 2)  # torchrun inside an sbatch job
+    assert launch_env({**slurm, "SLURM_NTASKS": "1"}) == Launch()  # one task: a plain process
+    assert launch_env({}) == Launch()
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    before = dict(os.environ)
+    assert env_world_size() == 4 and dict(os.environ) == before
+
+
+def test_two_srun_style_processes_form_a_group_from_slurm_variables_alone(env):
+    """What srun gives each task (SLURM_PROCID / SLURM_NTASKS, no RANK or WORLD_SIZE): the group forms on gloo and
+    the processes' environments are left as they were."""
+    import socket
+    with socket.socket() as s:  # a free port for rank 0's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import os, torch, torch.distributed as dist\n"
+            "from mambavision_train.distributed import init_distributed, cleanup\n"
+            "before = dict(os.environ)\n"
+            "info = init_distributed('cpu')\n"
+            "t = torch.tensor([info.rank + 1.0]); dist.all_reduce(t)\n"
+            "print(info.rank, info.world_size, int(t.item()), dict(os.environ) == before)\n"
+            "cleanup()\n")
+    base = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={
+        **base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert [out.split() for out, _ in outs] == [["0", "2", "3", "True"], ["1", "2", "3", "True"]]
