@@ -252,6 +252,24 @@ def test_bad_data_roots_fail_fast_with_one_line(tmp_path):
         check(DataConfig(kind="lmdb", root=str(tmp_path)), "val")
 
 
+@pytest.mark.parametrize("kind", ["ffcv", "folder"])
+def test_labels_beyond_num_classes_stop_check_and_build_loader(digits, kind, monkeypatch):
+    """Both stop at once (eval.py calls only build_loader); build_loader reads a .beton's tables once, for its label
+    check and the loader together."""
+    from mambavision_train.data import ffcv_loader
+    cfg = DataConfig(**{**digits.__dict__, "kind": kind, "num_classes": 5})
+    want = "labels up to 9 but data.num_classes=5" if kind == "ffcv" else "10 class folders but data.num_classes=5"
+    with pytest.raises(DataError, match=want):
+        check(cfg, "val")
+    with pytest.raises(DataError, match=want):
+        epoch(cfg, train=False)
+    reads = []
+    monkeypatch.setattr(ffcv_loader, "beton_reader", lambda path, read=ffcv_loader.beton_reader: reads.append(path)
+                        or read(path))
+    epoch(DataConfig(**{**digits.__dict__, "kind": kind}), train=False)
+    assert len(reads) == (kind == "ffcv")
+
+
 def test_synthetic_loader():
     loader, aug = build_loader(DataConfig(kind="synthetic", num_samples=256, num_classes=1000), None, train=True,
                                batch_size=32, res=64, shard=Shard(1, 2))
