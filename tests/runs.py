@@ -32,6 +32,62 @@ def run(script, *overrides, env, check=True, timeout=600, prefix=()):
     return res
 
 
+def run_in_process(script, *overrides, env: dict) -> subprocess.CompletedProcess:
+    """``run(script, *overrides, env=env, check=False)`` without starting another Python, for requests that are
+    refused before anything is built: there a new interpreter only adds the ~5 s of CPU that importing torch takes.
+    The script runs as ``__main__`` with the run's argv, environment and working directory, all restored afterwards;
+    the result holds what a user would see: the exit code, stdout, and stderr with any warning shown (as under
+    Python's default filters) or traceback. What only a fresh interpreter can show (output while importing) is left
+    to the cases that still start one."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+    import warnings
+
+    from hydra.core.global_hydra import GlobalHydra
+    argv = [str(ROOT / script), *overrides]
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ), sys.argv, os.getcwd(), torch.get_num_threads()  # FFCV's import sets the last
+    code = 0
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = argv
+        os.chdir(ROOT)
+        GlobalHydra.instance().clear()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            for action, category, module in PYTHON_DEFAULT_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=module, append=True)
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as e:  # what the interpreter does with it on the way out
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except BaseException:  # noqa: B036 -- an uncaught exception: its traceback and exit code 1
+                traceback.print_exc()
+                code = 1
+        for w in caught:
+            err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+    finally:
+        GlobalHydra.instance().clear()
+        os.environ.clear()
+        os.environ.update(saved[0])
+        sys.argv = saved[1]
+        os.chdir(saved[2])
+        torch.set_num_threads(saved[3])
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+# What Python applies without -W or PYTHONWARNINGS (the warnings module's documentation, "Default Warning Filter").
+PYTHON_DEFAULT_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                                  ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                                  ("ignore", ResourceWarning, "")]
+
+
 def torchrun(nproc: int, port: int):
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
 

@@ -13,7 +13,7 @@ import torch
 import mambavision_train  # noqa: F401  (registers the models with timm)
 from mambavision_train.models import CheckpointError, load_pretrained
 from mambavision_train.models.pretrained import init_from
-from runs import final_state, run
+from runs import final_state, run, run_in_process
 
 QUIET = ["progress=false", "logger.mode=disabled"]
 
@@ -103,8 +103,8 @@ def test_an_official_checkpoint_fine_tunes_through_the_same_path(env, parity_tre
                 f"run_dir={tmp_path / 'ft'}", env=env)
     assert "resumed from" in again.stdout and "global step 2" in again.stdout
     assert final_state(tmp_path / "ft")["state"]["global_step"] == 3
-    missing = run("train.py", "experiment=demo", "init_from=/no/such/run", *QUIET, f"run_dir={tmp_path / 'x'}",
-                  env=env, check=False)
+    missing = run_in_process("train.py", "experiment=demo", "init_from=/no/such/run", *QUIET,
+                             f"run_dir={tmp_path / 'x'}", env=env)
     assert missing.returncode == 2 and missing.stderr.startswith("error: init_from=/no/such/run does not exist")
     assert not (tmp_path / "x").exists()
 
