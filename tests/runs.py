@@ -15,6 +15,10 @@ ONE_STEP = ["experiment=demo", "aug=none", "aug.hflip=0.0", "aug.color_jitter=0.
             "max_steps=1", "progress=false", "logger.mode=disabled", "optim.name=sgd", "optim.lr=0.2",
             "optim.weight_decay=0.0", "sched.warmup_epochs=0", "ema.decay=0.5"]
 
+# A short demo run: every checkpoint kept in view (one every 2 steps), nothing on the console but log lines.
+SHORT = ["experiment=demo", "batch_size=32", "micro_batch_size=32", "checkpoint.every_n_steps=2", "progress=false",
+         "logger.mode=disabled", "log_every=1"]
+
 
 def faults(env: dict, **faults) -> dict:
     """``env`` with test-side fault injection (tests/faults/sitecustomize.py): faults(env, KILL_AT_STEP=4) sets
@@ -88,8 +92,10 @@ PYTHON_DEFAULT_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), (
                                   ("ignore", ResourceWarning, "")]
 
 
-def torchrun(nproc: int, port: int):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+def torchrun(nproc: int):
+    """torchrun on this machine; --standalone: its rendezvous takes a free port, so runs at the same time (xdist
+    workers, another checkout's tests) never meet on one."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def final_state(run_dir):

@@ -13,15 +13,14 @@ import mambavision_train  # noqa: F401  (registers the models with timm)
 from runs import ONE_STEP, faults, assert_same, assert_same_run, final_state, run, torchrun
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,port", [("ddp", 29611), ("fsdp", 29612)])
-def test_two_gloo_processes_equal_one_process_at_twice_the_batch(env, tmp_path, kind, port):
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_one_process_at_twice_the_batch(env, tmp_path, shared_run, kind):
     """2 ranks x batch 16 with SyncBN == 1 process x batch 32 after one step: the same 32 images (rank r reads every
     2nd sample of the same permutation), crops hashed per sample, gradients averaged, BN statistics over all 32.
     The EMA (decay 0.5, so the step shows) is compared too: under FSDP2 each rank averages its own shard."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    run("train.py", *ONE_STEP, "batch_size=32", "micro_batch_size=32", f"run_dir={one}", env=env)
+    one, two = shared_run("one_step_batch_32", *ONE_STEP, "batch_size=32", "micro_batch_size=32"), tmp_path / "two"
     run("train.py", *ONE_STEP, f"dist={kind}", "dist.sync_bn=true", "batch_size=32", "micro_batch_size=16",
-        f"run_dir={two}", env={**env, "OMP_NUM_THREADS": "1"}, prefix=torchrun(2, port))
+        f"run_dir={two}", env={**env, "OMP_NUM_THREADS": "1"}, prefix=torchrun(2))
     torch.manual_seed(31)  # the trainer's seed: the initial weights of both runs
     init = timm.create_model("mambavision_demo", drop_path_rate=0.0, num_classes=10).state_dict()
     a, b = final_state(one), final_state(two)
@@ -41,21 +40,21 @@ FSDP = ["experiment=demo", "dist=fsdp", "batch_size=64", "micro_batch_size=16", 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reshard,ports", [("true", (29613, 29614, 29615)), ("false", (29620, 29621, 29622))])
-def test_fsdp_trains_saves_resumes_exactly_and_exports(env, tmp_path, reshard, ports):
+@pytest.mark.parametrize("reshard", ["true", "false"])
+def test_fsdp_trains_saves_resumes_exactly_and_exports(env, tmp_path, reshard):
     """24 steps (2 micro-batches each, gradient sync on the second only) across the end of epoch 0 (22 steps):
     uninterrupted == killed with SIGKILL after the sharded checkpoint at step 12 and run again. Validation runs with
     uneven shards (359 images, batches of 179: rank 0 has 2 batches, rank 1 one), which FSDP must not hang on."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     env1 = {**env, "OMP_NUM_THREADS": "1"}
     args = [*FSDP, f"dist.reshard_after_forward={reshard}"]
-    run("train.py", *args, f"run_dir={whole}", env=env1, prefix=torchrun(2, ports[0]))
+    run("train.py", *args, f"run_dir={whole}", env=env1, prefix=torchrun(2))
     killed = run("train.py", *args, f"run_dir={broken}", "checkpoint.every_n_steps=12",
-                 env=faults(env1, KILL_AT_STEP=12), prefix=torchrun(2, ports[1]), check=False)
+                 env=faults(env1, KILL_AT_STEP=12), prefix=torchrun(2), check=False)
     assert killed.returncode != 0
     assert final_state(broken)["state"]["global_step"] == 12
     resumed = run("train.py", *args, f"run_dir={broken}", "checkpoint.every_n_steps=12", env=env1,
-                  prefix=torchrun(2, ports[2]))
+                  prefix=torchrun(2))
     assert "resumed from" in resumed.stdout and "step 12/22" in resumed.stdout
     assert "val epoch 0" in resumed.stdout
     a, b = final_state(whole), final_state(broken)
@@ -84,7 +83,7 @@ def test_each_rank_draws_its_own_augmentation_and_drop_path_from_identical_weigh
     run(str(ROOT / "tests" / "rank_draws.py"), str(out), "experiment=demo", "aug=paper", "aug.hflip=0.0",
         "model.drop_path_rate=0.5", "batch_size=64", "micro_batch_size=32", "logger.mode=disabled",
         f"run_dir={tmp_path / 'run'}", env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")},
-        prefix=torchrun(2, 29616))
+        prefix=torchrun(2))
     r0, r1 = (json.loads(out.with_suffix(f".{r}.json").read_text()) for r in (0, 1))
     assert r0["init"] == r1["init"]
     assert len(r0["lams"]) == len(r1["lams"]) == 1 and r0["lams"] != r1["lams"]
@@ -104,12 +103,12 @@ def test_two_ranks_with_real_randomness_resume_exactly_after_sigkill(env, tmp_pa
     every rank's RNG and BN statistics, counters) equals an uninterrupted run's."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     env1 = {**env, "OMP_NUM_THREADS": "1"}
-    run("train.py", *PAPER_2RANKS, f"run_dir={whole}", env=env1, prefix=torchrun(2, 29617))
+    run("train.py", *PAPER_2RANKS, f"run_dir={whole}", env=env1, prefix=torchrun(2))
     killed = run("train.py", *PAPER_2RANKS, f"run_dir={broken}", env=faults(env1, KILL_AT_STEP=24),
-                 prefix=torchrun(2, 29618), check=False)
+                 prefix=torchrun(2), check=False)
     assert killed.returncode != 0 and "val epoch 0" in killed.stdout
     assert final_state(broken)["state"]["global_step"] == 24 and final_state(broken)["state"]["epoch"] == 1
-    resumed = run("train.py", *PAPER_2RANKS, f"run_dir={broken}", env=env1, prefix=torchrun(2, 29619))
+    resumed = run("train.py", *PAPER_2RANKS, f"run_dir={broken}", env=env1, prefix=torchrun(2))
     assert "resumed from" in resumed.stdout and "global step 24" in resumed.stdout
     a, b = final_state(whole), final_state(broken)
     assert a["state"]["global_step"] == 26 and a["world_size"] == 2
