@@ -99,9 +99,10 @@ def test_conversion_refuses_to_overwrite_and_never_leaves_a_complete_looking_par
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """The bundled demo data, built from scratch."""
-    root = tmp_path_factory.mktemp("cache") / "digits"
+def digits(env):
+    """The bundled demo data in the session's fresh cache: built from scratch by the first test that needs it (here
+    or in a training run; digits.prepare holds a lock while it builds)."""
+    root = Path(env["MAMBAVISION_CACHE"]) / "digits"
     return DataConfig(kind="ffcv", root=str(root), folder_root=str(root / "images"), prepare="digits",
                       num_classes=10, num_workers=2)
 

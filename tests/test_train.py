@@ -214,8 +214,9 @@ def test_eval_py_on_an_official_format_checkpoint(env, tmp_path):
     assert abs(got - want) < 1e-3, (got, want)
     assert "| mambavision_demo |" in (tmp_path / "table.md").read_text()
     # Run again, as a requeued multi-model evaluation would: the row is there, so it is neither redone nor repeated.
-    again = run("eval.py", "model=mambavision_demo", "data=digits", f"checkpoint={path}", "model.img_size=32",
-                "progress=false", f"table={tmp_path / 'table.md'}", env=env)
+    again = run_in_process("eval.py", "model=mambavision_demo", "data=digits", f"checkpoint={path}",
+                           "model.img_size=32", "progress=false", f"table={tmp_path / 'table.md'}", env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
     assert f"already in {tmp_path / 'table.md'} (top1 {got:.2f}), skipped" in again.stdout
     assert (tmp_path / "table.md").read_text().count("| mambavision_demo |") == 1
 
