@@ -10,7 +10,16 @@ from mambavision_train.config import register
 
 register()  # the config schemas and model options, for the tests that compose configs themselves
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Threads per test process (and per training run it starts): the cores shared out among pytest-xdist's workers.
+# More threads than cores is ruinous here: an op waits for a descheduled OpenMP thread (a 0.4 s test took 40 s).
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """Back to THREADS before each test: building an FFCV loader in this process sets torch's thread count."""
+    torch.set_num_threads(THREADS)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,7 +43,7 @@ def env(tmp_path_factory):
     built once, under digits.prepare's own lock), W&B offline and quiet."""
     cache = shared_dir(tmp_path_factory, "cache")
     return dict(os.environ, MAMBAVISION_CACHE=str(cache), WANDB_MODE="offline", WANDB_SILENT="true",
-                OMP_NUM_THREADS="2")
+                OMP_NUM_THREADS=str(THREADS))
 
 
 @pytest.fixture(scope="session")
