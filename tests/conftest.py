@@ -23,9 +23,10 @@ def _threads():
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first (in file order, then the rest): pytest-xdist hands tests out in this order, and a long
-    test started last would leave the other worker idle until it ends."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Longest first: the Slurm tests (one group, minutes on one worker), the other slow tests, then the rest, each
+    in file order. pytest-xdist hands tests out in this order, and a long one started last would leave the other
+    worker idle until it ends."""
+    items.sort(key=lambda item: (item.get_closest_marker("slurm") is None, item.get_closest_marker("slow") is None))
 
 
 def shared_dir(tmp_path_factory, name: str) -> Path:
