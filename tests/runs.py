@@ -71,7 +71,7 @@ def run_in_process(script, *overrides, env: dict) -> subprocess.CompletedProcess
                 code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
                 if not isinstance(e.code, (int, type(None))):
                     print(e.code, file=sys.stderr)
-            except BaseException:  # noqa: B036 -- an uncaught exception: its traceback and exit code 1
+            except Exception:  # uncaught: the interpreter would print the traceback and exit with 1
                 traceback.print_exc()
                 code = 1
         for w in caught:
