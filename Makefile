@@ -9,10 +9,10 @@ setup:
 demo: setup  ## the small MambaVision on the bundled digits, CPU, a few minutes
 	$(PY) train.py experiment=demo
 
-# Tests on two workers (pytest-xdist), handed out one at a time, longest first (tests/conftest.py); a group
-# (xdist_group) stays on one worker. WORKERS=0 runs them in this process.
+# Tests on two workers (pytest-xdist), handed out one at a time, longest first, the Slurm tests together on one
+# (tests/conftest.py). WORKERS=0 runs them in this process.
 WORKERS ?= 2
-XDIST = -n $(WORKERS) --dist loadgroup
+XDIST = -n $(WORKERS)
 
 test: setup
 	$(PY) -m pytest -q $(XDIST)

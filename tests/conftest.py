@@ -29,6 +29,25 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: (item.get_closest_marker("slurm") is None, item.get_closest_marker("slow") is None))
 
 
+# Tests that must share one pytest-xdist worker: the Slurm tests, around the one cluster their module starts.
+ONE_WORKER = ("tests/test_slurm.py::",)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """With -n (and xdist's default --dist load): tests handed out one at a time in the order above, the ONE_WORKER
+    ones together as one unit. (xdist's loadgroup does not group under pytest 9: the node-id suffix it relies on is
+    no longer read.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneAtATime(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return next((p for p in ONE_WORKER if nodeid.startswith(p)), nodeid)
+    return OneAtATime(config, log)
+
+
 def shared_dir(tmp_path_factory, name: str) -> Path:
     """A folder of this test session that every pytest-xdist worker sees (each worker's own temporary folder is a
     child of the session's); without xdist, one in the session's folder."""

@@ -16,7 +16,7 @@ import pytest
 from runs import ONE_STEP, ROOT, assert_same_run, faults, final_state, run, torchrun
 from slurm_cluster import LocalSlurm
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one cluster, one worker
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # on one xdist worker: tests/conftest.py ONE_WORKER
 
 QUIET = ["progress=false", "logger.mode=disabled", "log_every=1"]
 # The test nodes have 2 CPUs and 2 fake GPUs each: one task with both CPUs per node.
