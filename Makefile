@@ -9,11 +9,16 @@ setup:
 demo: setup  ## the small MambaVision on the bundled digits, CPU, a few minutes
 	$(PY) train.py experiment=demo
 
+# Tests on two workers (pytest-xdist), handed out one at a time, longest first, the Slurm tests together on one
+# (tests/conftest.py). WORKERS=0 runs them in this process.
+WORKERS ?= 2
+XDIST = -n $(WORKERS)
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: setup  ## everything but the slow tests
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 bench: setup  ## CPU benchmarks; results go in docs/benchmarks.md
 	cd benchmarks && ../$(PY) scan.py && ../$(PY) model_step.py && ../$(PY) data_pipeline.py && ../$(PY) throughput.py --model mambavision_demo --res 64 --batch 16 --amp fp32 --warmup 5 --iters 20

@@ -1,4 +1,7 @@
+import fcntl
 import os
+import shutil
+from pathlib import Path
 
 # Without a GPU, the Triton scan's kernels run in Triton's interpreter on CPU tensors. Read when the kernels are
 # defined (on import of the module that holds them), so it is set before any test imports it.
@@ -12,15 +15,91 @@ from mambavision_train.config import register
 
 register()  # the config schemas and model options, for the tests that compose configs themselves
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Threads per test process (and per training run it starts): the cores shared out among pytest-xdist's workers.
+# More threads than cores is ruinous here: an op waits for a descheduled OpenMP thread (a 0.4 s test took 40 s).
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """Back to THREADS before each test: building an FFCV loader in this process sets torch's thread count."""
+    torch.set_num_threads(THREADS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first: the Slurm tests (one group, minutes on one worker), the other slow tests, then the rest, each
+    in file order. pytest-xdist hands tests out in this order, and a long one started last would leave the other
+    worker idle until it ends."""
+    items.sort(key=lambda item: (item.get_closest_marker("slurm") is None, item.get_closest_marker("slow") is None))
+
+
+# Tests that must share one pytest-xdist worker: the Slurm tests, around the one cluster their module starts.
+ONE_WORKER = ("tests/test_slurm.py::",)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """With -n (and xdist's default --dist load): tests handed out one at a time in the order above, the ONE_WORKER
+    ones together as one unit. (xdist's loadgroup does not group under pytest 9: the node-id suffix it relies on is
+    no longer read.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneAtATime(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return next((p for p in ONE_WORKER if nodeid.startswith(p)), nodeid)
+    return OneAtATime(config, log)
+
+
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """A folder of this test session that every pytest-xdist worker sees (each worker's own temporary folder is a
+    child of the session's); without xdist, one in the session's folder."""
+    base = tmp_path_factory.getbasetemp()
+    d = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    d.mkdir(exist_ok=True)
+    return d
 
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
-    """The environment of train.py / eval.py runs: a private data cache, W&B offline and quiet."""
-    cache = tmp_path_factory.mktemp("cache")
+    """The environment of train.py / eval.py runs: a data cache shared by the session's workers (the digits are
+    built once, under digits.prepare's own lock), W&B offline and quiet."""
+    cache = shared_dir(tmp_path_factory, "cache")
     return dict(os.environ, MAMBAVISION_CACHE=str(cache), WANDB_MODE="offline", WANDB_SILENT="true",
-                OMP_NUM_THREADS="2")
+                OMP_NUM_THREADS=str(THREADS))
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory, env):
+    """``shared_run(name, *overrides)``: the run directory of ``train.py *overrides``, trained once for the whole
+    session (across xdist workers, under a lock) and read by every test that names it. A test that changes a run
+    copies it first."""
+    from runs import run
+    root = shared_dir(tmp_path_factory, "runs")
+
+    def get(name: str, *overrides) -> Path:
+        d = root / name
+        with open(root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done = root / f"{name}.done"
+            if done.is_file() and done.read_text() != repr(overrides):
+                raise AssertionError(f"shared run {name} asked for with other overrides: {overrides}")
+            if not done.is_file():
+                shutil.rmtree(d, ignore_errors=True)  # what a failed attempt left would be resumed from
+                run("train.py", *overrides, f"run_dir={d}", env=env)
+                done.write_text(repr(overrides))
+        return d
+    return get
+
+
+@pytest.fixture(scope="session")
+def five_steps(shared_run):
+    """A demo run stopped after 5 steps: last.pth.tar at step 5, previous.pth.tar at step 4, EMA weights exported.
+    The base of the resume-fault tests (which go on with SHORT + max_steps=7) and the fine-tuning tests' source."""
+    from runs import SHORT
+    return shared_run("five_steps", *SHORT, "max_steps=5")
 
 
 @pytest.fixture(scope="session")

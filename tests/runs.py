@@ -15,6 +15,10 @@ ONE_STEP = ["experiment=demo", "aug=none", "aug.hflip=0.0", "aug.color_jitter=0.
             "max_steps=1", "progress=false", "logger.mode=disabled", "optim.name=sgd", "optim.lr=0.2",
             "optim.weight_decay=0.0", "sched.warmup_epochs=0", "ema.decay=0.5"]
 
+# A short demo run: every checkpoint kept in view (one every 2 steps), nothing on the console but log lines.
+SHORT = ["experiment=demo", "batch_size=32", "micro_batch_size=32", "checkpoint.every_n_steps=2", "progress=false",
+         "logger.mode=disabled", "log_every=1"]
+
 
 def faults(env: dict, **faults) -> dict:
     """``env`` with test-side fault injection (tests/faults/sitecustomize.py): faults(env, KILL_AT_STEP=4) sets
@@ -38,8 +42,66 @@ def run(script, *overrides, env, check=True, timeout=600, prefix=(), stdout=None
     return res
 
 
-def torchrun(nproc: int, port: int):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+def run_in_process(script, *overrides, env: dict) -> subprocess.CompletedProcess:
+    """``run(script, *overrides, env=env, check=False)`` without starting another Python, for requests that are
+    refused before anything is built: there a new interpreter only adds the ~5 s of CPU that importing torch takes.
+    The script runs as ``__main__`` with the run's argv, environment and working directory, all restored afterwards;
+    the result holds what a user would see: the exit code, stdout, and stderr with any warning shown (as under
+    Python's default filters) or traceback. What only a fresh interpreter can show (output while importing) is left
+    to the cases that still start one."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+    import warnings
+
+    from hydra.core.global_hydra import GlobalHydra
+    argv = [str(ROOT / script), *overrides]
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ), sys.argv, os.getcwd(), torch.get_num_threads()  # FFCV's import sets the last
+    code = 0
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = argv
+        os.chdir(ROOT)
+        GlobalHydra.instance().clear()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            for action, category, module in PYTHON_DEFAULT_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=module, append=True)
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as e:  # what the interpreter does with it on the way out
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # uncaught: the interpreter would print the traceback and exit with 1
+                traceback.print_exc()
+                code = 1
+        for w in caught:
+            err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+    finally:
+        GlobalHydra.instance().clear()
+        os.environ.clear()
+        os.environ.update(saved[0])
+        sys.argv = saved[1]
+        os.chdir(saved[2])
+        torch.set_num_threads(saved[3])
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+# What Python applies without -W or PYTHONWARNINGS (the warnings module's documentation, "Default Warning Filter").
+PYTHON_DEFAULT_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                                  ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                                  ("ignore", ResourceWarning, "")]
+
+
+def torchrun(nproc: int):
+    """torchrun on this machine; --standalone: its rendezvous takes a free port, so runs at the same time (xdist
+    workers, another checkout's tests) never meet on one."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def final_state(run_dir):

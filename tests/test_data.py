@@ -99,9 +99,10 @@ def test_conversion_refuses_to_overwrite_and_never_leaves_a_complete_looking_par
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """The bundled demo data, built from scratch."""
-    root = tmp_path_factory.mktemp("cache") / "digits"
+def digits(env):
+    """The bundled demo data in the session's fresh cache: built from scratch by the first test that needs it (here
+    or in a training run; digits.prepare holds a lock while it builds)."""
+    root = Path(env["MAMBAVISION_CACHE"]) / "digits"
     return DataConfig(kind="ffcv", root=str(root), folder_root=str(root / "images"), prepare="digits",
                       num_classes=10, num_workers=2)
 
@@ -250,6 +251,24 @@ def test_bad_data_roots_fail_fast_with_one_line(tmp_path):
         check(DataConfig(kind="folder", root=None), "val")
     with pytest.raises(DataError, match="unknown data.kind 'lmdb'"):
         check(DataConfig(kind="lmdb", root=str(tmp_path)), "val")
+
+
+@pytest.mark.parametrize("kind", ["ffcv", "folder"])
+def test_labels_beyond_num_classes_stop_check_and_build_loader(digits, kind, monkeypatch):
+    """Both stop at once (eval.py calls only build_loader); build_loader reads a .beton's tables once, for its label
+    check and the loader together."""
+    from mambavision_train.data import ffcv_loader
+    cfg = DataConfig(**{**digits.__dict__, "kind": kind, "num_classes": 5})
+    want = "labels up to 9 but data.num_classes=5" if kind == "ffcv" else "10 class folders but data.num_classes=5"
+    with pytest.raises(DataError, match=want):
+        check(cfg, "val")
+    with pytest.raises(DataError, match=want):
+        epoch(cfg, train=False)
+    reads = []
+    monkeypatch.setattr(ffcv_loader, "beton_reader", lambda path, read=ffcv_loader.beton_reader: reads.append(path)
+                        or read(path))
+    epoch(DataConfig(**{**digits.__dict__, "kind": kind}), train=False)
+    assert len(reads) == (kind == "ffcv")
 
 
 def test_synthetic_loader():

@@ -1,6 +1,10 @@
 """Several processes on gloo: DDP and FSDP2 equal one process at the global batch; FSDP2 trains, writes sharded
 checkpoints, resumes exactly after SIGKILL and exports EMA weights the plain model loads."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -9,15 +13,14 @@ import mambavision_train  # noqa: F401  (registers the models with timm)
 from runs import ONE_STEP, faults, assert_same, assert_same_run, final_state, run, torchrun
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,port", [("ddp", 29611), ("fsdp", 29612)])
-def test_two_gloo_processes_equal_one_process_at_twice_the_batch(env, tmp_path, kind, port):
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_one_process_at_twice_the_batch(env, tmp_path, shared_run, kind):
     """2 ranks x batch 16 with SyncBN == 1 process x batch 32 after one step: the same 32 images (rank r reads every
     2nd sample of the same permutation), crops hashed per sample, gradients averaged, BN statistics over all 32.
     The EMA (decay 0.5, so the step shows) is compared too: under FSDP2 each rank averages its own shard."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    run("train.py", *ONE_STEP, "batch_size=32", "micro_batch_size=32", f"run_dir={one}", env=env)
+    one, two = shared_run("one_step_batch_32", *ONE_STEP, "batch_size=32", "micro_batch_size=32"), tmp_path / "two"
     run("train.py", *ONE_STEP, f"dist={kind}", "dist.sync_bn=true", "batch_size=32", "micro_batch_size=16",
-        f"run_dir={two}", env={**env, "OMP_NUM_THREADS": "1"}, prefix=torchrun(2, port))
+        f"run_dir={two}", env={**env, "OMP_NUM_THREADS": "1"}, prefix=torchrun(2))
     torch.manual_seed(31)  # the trainer's seed: the initial weights of both runs
     init = timm.create_model("mambavision_demo", drop_path_rate=0.0, num_classes=10).state_dict()
     a, b = final_state(one), final_state(two)
@@ -37,21 +40,21 @@ FSDP = ["experiment=demo", "dist=fsdp", "batch_size=64", "micro_batch_size=16", 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reshard,ports", [("true", (29613, 29614, 29615)), ("false", (29620, 29621, 29622))])
-def test_fsdp_trains_saves_resumes_exactly_and_exports(env, tmp_path, reshard, ports):
+@pytest.mark.parametrize("reshard", ["true", "false"])
+def test_fsdp_trains_saves_resumes_exactly_and_exports(env, tmp_path, reshard):
     """24 steps (2 micro-batches each, gradient sync on the second only) across the end of epoch 0 (22 steps):
     uninterrupted == killed with SIGKILL after the sharded checkpoint at step 12 and run again. Validation runs with
     uneven shards (359 images, batches of 179: rank 0 has 2 batches, rank 1 one), which FSDP must not hang on."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     env1 = {**env, "OMP_NUM_THREADS": "1"}
     args = [*FSDP, f"dist.reshard_after_forward={reshard}"]
-    run("train.py", *args, f"run_dir={whole}", env=env1, prefix=torchrun(2, ports[0]))
+    run("train.py", *args, f"run_dir={whole}", env=env1, prefix=torchrun(2))
     killed = run("train.py", *args, f"run_dir={broken}", "checkpoint.every_n_steps=12",
-                 env=faults(env1, KILL_AT_STEP=12), prefix=torchrun(2, ports[1]), check=False)
+                 env=faults(env1, KILL_AT_STEP=12), prefix=torchrun(2), check=False)
     assert killed.returncode != 0
     assert final_state(broken)["state"]["global_step"] == 12
     resumed = run("train.py", *args, f"run_dir={broken}", "checkpoint.every_n_steps=12", env=env1,
-                  prefix=torchrun(2, ports[2]))
+                  prefix=torchrun(2))
     assert "resumed from" in resumed.stdout and "step 12/22" in resumed.stdout
     assert "val epoch 0" in resumed.stdout
     a, b = final_state(whole), final_state(broken)
@@ -80,7 +83,7 @@ def test_each_rank_draws_its_own_augmentation_and_drop_path_from_identical_weigh
     run(str(ROOT / "tests" / "rank_draws.py"), str(out), "experiment=demo", "aug=paper", "aug.hflip=0.0",
         "model.drop_path_rate=0.5", "batch_size=64", "micro_batch_size=32", "logger.mode=disabled",
         f"run_dir={tmp_path / 'run'}", env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")},
-        prefix=torchrun(2, 29616))
+        prefix=torchrun(2))
     r0, r1 = (json.loads(out.with_suffix(f".{r}.json").read_text()) for r in (0, 1))
     assert r0["init"] == r1["init"]
     assert len(r0["lams"]) == len(r1["lams"]) == 1 and r0["lams"] != r1["lams"]
@@ -100,13 +103,56 @@ def test_two_ranks_with_real_randomness_resume_exactly_after_sigkill(env, tmp_pa
     every rank's RNG and BN statistics, counters) equals an uninterrupted run's."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     env1 = {**env, "OMP_NUM_THREADS": "1"}
-    run("train.py", *PAPER_2RANKS, f"run_dir={whole}", env=env1, prefix=torchrun(2, 29617))
+    run("train.py", *PAPER_2RANKS, f"run_dir={whole}", env=env1, prefix=torchrun(2))
     killed = run("train.py", *PAPER_2RANKS, f"run_dir={broken}", env=faults(env1, KILL_AT_STEP=24),
-                 prefix=torchrun(2, 29618), check=False)
+                 prefix=torchrun(2), check=False)
     assert killed.returncode != 0 and "val epoch 0" in killed.stdout
     assert final_state(broken)["state"]["global_step"] == 24 and final_state(broken)["state"]["epoch"] == 1
-    resumed = run("train.py", *PAPER_2RANKS, f"run_dir={broken}", env=env1, prefix=torchrun(2, 29619))
+    resumed = run("train.py", *PAPER_2RANKS, f"run_dir={broken}", env=env1, prefix=torchrun(2))
     assert "resumed from" in resumed.stdout and "global step 24" in resumed.stdout
     a, b = final_state(whole), final_state(broken)
     assert a["state"]["global_step"] == 26 and a["world_size"] == 2
     assert_same_run(a, b)
+
+
+def test_the_launch_is_read_from_the_environment_not_written_to_it(monkeypatch):
+    from mambavision_train.distributed import Launch, env_world_size, launch_env, slurm_rendezvous
+    slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "1234",
+             "MASTER_ADDR": "10.0.0.7"}
+    assert launch_env(slurm) == Launch(rank=3, local_rank=1, world_size=4, by_slurm=True)
+    assert slurm_rendezvous(slurm) == "tcp://10.0.0.7:29734"  # the port from the job id: the same on every rank
+    assert slurm_rendezvous({**slurm, "MASTER_PORT": "4000"}) == "tcp://10.0.0.7:4000"
+    torchrun = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+    assert launch_env({**slurm, **torchrun}) == Launch(1, 1, 2)  # torchrun inside an sbatch job
+    assert launch_env({**slurm, "SLURM_NTASKS": "1"}) == Launch()  # one task: a plain process
+    assert launch_env({}) == Launch()
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    before = dict(os.environ)
+    assert env_world_size() == 4 and dict(os.environ) == before
+
+
+def test_two_srun_style_processes_form_a_group_from_slurm_variables_alone(env):
+    """What srun gives each task (SLURM_PROCID / SLURM_NTASKS, no RANK or WORLD_SIZE): the group forms on gloo and
+    the processes' environments are left as they were."""
+    import socket
+    with socket.socket() as s:  # a free port for rank 0's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import os, torch, torch.distributed as dist\n"
+            "from mambavision_train.distributed import init_distributed, cleanup\n"
+            "before = dict(os.environ)\n"
+            "info = init_distributed('cpu')\n"
+            "t = torch.tensor([info.rank + 1.0]); dist.all_reduce(t)\n"
+            "print(info.rank, info.world_size, int(t.item()), dict(os.environ) == before)\n"
+            "cleanup()\n")
+    base = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={
+        **base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert [out.split() for out, _ in outs] == [["0", "2", "3", "True"], ["1", "2", "3", "True"]]

@@ -13,24 +13,24 @@ import torch
 import mambavision_train  # noqa: F401  (registers the models with timm)
 from mambavision_train.models import CheckpointError, load_pretrained
 from mambavision_train.models.pretrained import init_from
-from runs import final_state, run
+from runs import final_state, run, run_in_process
 
 QUIET = ["progress=false", "logger.mode=disabled"]
 
 
-@pytest.fixture(scope="module")
-def source_run(env, tmp_path_factory):
-    """The demo model after a few steps on the 10 digits: a run directory with exported EMA weights."""
-    d = tmp_path_factory.mktemp("source")
-    run("train.py", "experiment=demo", "max_steps=6", *QUIET, f"run_dir={d}", env=env)
-    return d
+@pytest.fixture
+def source_run(five_steps):
+    """The demo model after a few steps on the 10 digits: a run directory with exported EMA weights (shared with
+    other tests: read only)."""
+    return five_steps
 
 
 @pytest.fixture(scope="module")
-def parity_tree(env, source_run):
+def parity_tree(env, tmp_path_factory):
     """Another data set from real images: the digits' pictures sorted into two classes (even, odd)."""
-    images = Path(env["MAMBAVISION_CACHE"]) / "digits" / "images"
-    root = source_run.parent / "parity"
+    from mambavision_train.data import digits
+    images = digits.prepare(Path(env["MAMBAVISION_CACHE"]) / "digits", beton=False) / "images"
+    root = tmp_path_factory.mktemp("parity")
     for split in ("train", "val"):
         for digit in range(10):
             dst = root / split / ("even" if digit % 2 == 0 else "odd")
@@ -103,8 +103,8 @@ def test_an_official_checkpoint_fine_tunes_through_the_same_path(env, parity_tre
                 f"run_dir={tmp_path / 'ft'}", env=env)
     assert "resumed from" in again.stdout and "global step 2" in again.stdout
     assert final_state(tmp_path / "ft")["state"]["global_step"] == 3
-    missing = run("train.py", "experiment=demo", "init_from=/no/such/run", *QUIET, f"run_dir={tmp_path / 'x'}",
-                  env=env, check=False)
+    missing = run_in_process("train.py", "experiment=demo", "init_from=/no/such/run", *QUIET,
+                             f"run_dir={tmp_path / 'x'}", env=env)
     assert missing.returncode == 2 and missing.stderr.startswith("error: init_from=/no/such/run does not exist")
     assert not (tmp_path / "x").exists()
 

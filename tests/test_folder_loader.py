@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from imagetree import nasty_tree
-from runs import ROOT, assert_same_run, faults, final_state, run
+from runs import ROOT, assert_same_run, faults, final_state, run, run_in_process
 from mambavision_train.data import AugConfig, DataConfig, DataError, build_loader, check
 
 NO_MIX = AugConfig(reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0)  # RandAugment and crops stay: CPU-side draws
@@ -129,12 +129,13 @@ def test_more_classes_than_num_classes_fails_at_once_with_one_line(env, kind, tm
     in the loss with a device-side assert."""
     from mambavision_train.data import digits
     digits.prepare(Path(env["MAMBAVISION_CACHE"]) / "digits")  # built beforehand: its progress bars are not the point
-    res = run("train.py", "experiment=demo", f"data.kind={kind}", "data.num_classes=5", env=env, check=False,
-              timeout=300)
+    res = run_in_process("train.py", "experiment=demo", f"data.kind={kind}", "data.num_classes=5",
+                         f"run_dir={tmp_path / 'run'}", env=env)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "set data.num_classes=10" in lines[0], res.stderr
     assert ("labels up to 9" if kind == "ffcv" else "10 class folders") in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
     if kind == "folder":  # and a split without class folders is one line too, not ImageFolder's FileNotFoundError
         (tmp_path / "train").mkdir()
         with pytest.raises(DataError, match="train has no class folders"):

@@ -114,6 +114,15 @@ def test_corrupt_and_missing_files(tmp_path):
         load_pretrained(fresh(), bad)
     with pytest.raises(CheckpointError, match="checkpoint not found: /no/such/file.pth"):
         load_pretrained(fresh(), "/no/such/file.pth")
+    dcp = tmp_path / "last.dcp"
+    dcp.mkdir()
+    (dcp / ".metadata").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is a sharded \\(FSDP2\\) checkpoint"):
+        load_pretrained(fresh(), dcp)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {}}')
+    with pytest.raises(CheckpointError, match="is the index of a sharded checkpoint"):
+        load_pretrained(fresh(), index)
 
 
 def test_hugging_face_repo_from_a_local_cache(source, tmp_path):
@@ -135,6 +144,7 @@ from mambavision_train import load_pretrained
 want = torch.load({str(tmp_path / 'expected.pth')!r})
 for model in (load_pretrained(timm.create_model('mambavision_t'), 'nvidia/MambaVision-T-1K'),
               load_pretrained(timm.create_model('mambavision_t'), 'hf-hub:nvidia/MambaVision-T-1K'),
+              load_pretrained(timm.create_model('mambavision_t'), 'nvidia/MambaVision-T-1K@{commit}'),
               timm.create_model('mambavision_t', pretrained=True)):
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
 try:

@@ -16,7 +16,7 @@ import pytest
 from runs import ONE_STEP, ROOT, assert_same_run, faults, final_state, run, torchrun
 from slurm_cluster import LocalSlurm
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # on one xdist worker: tests/conftest.py ONE_WORKER
 
 QUIET = ["progress=false", "logger.mode=disabled", "log_every=1"]
 # The test nodes have 2 CPUs and 2 fake GPUs each: one task with both CPUs per node.
@@ -169,7 +169,7 @@ def test_two_node_ddp_survives_a_requeue_bit_exactly(cluster, job_env, tmp_path)
     text = out.read_text()
     assert job["JobState"] == "COMPLETED" and job["NodeList"] == "n[1-2]", text[-3000:]
     assert job["Restarts"] == "1" and text.count("received SIGUSR1") == 2 and "resumed from" in text, text[-3000:]
-    run("train.py", *steps, f"run_dir={tmp_path / 'torchrun'}", env=job_env, prefix=torchrun(2, 29631))
+    run("train.py", *steps, f"run_dir={tmp_path / 'torchrun'}", env=job_env, prefix=torchrun(2))
     a, b = final_state(tmp_path / "torchrun"), final_state(tmp_path / "two_nodes")
     assert a["world_size"] == b["world_size"] == 2 and a["state"]["global_step"] == b["state"]["global_step"] == 4
     assert_same_run(a, b)

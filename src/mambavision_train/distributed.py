@@ -1,7 +1,8 @@
 """Process groups from torchrun's or SLURM's environment, and the DDP wrapper.
 
 torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; under ``srun`` we read SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS and
-take MASTER_ADDR from the first node of the allocation. NCCL on CUDA, gloo on CPU.
+take MASTER_ADDR from the first node of the allocation. NCCL on CUDA, gloo on CPU. The environment is only read:
+what Slurm implies is handed to ``init_process_group`` explicitly, not written back into ``os.environ``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,15 +33,35 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _env_from_slurm():
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    if "MASTER_ADDR" not in os.environ:
-        os.environ["MASTER_ADDR"] = first_node_address(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-    os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+@dataclass(frozen=True)
+class Launch:
+    """How this process was started: its place among ``world_size`` processes, and whether srun (not torchrun)
+    started it, in which case the rendezvous address comes from Slurm too (``slurm_rendezvous``)."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    by_slurm: bool = False
+
+
+def launch_env(environ: Mapping[str, str] | None = None) -> Launch:
+    """The launch described by ``environ`` (default: this process's). torchrun's variables win over Slurm's (torchrun
+    inside an sbatch job); a single Slurm task is a plain single process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return Launch(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+    return Launch(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), int(env["SLURM_NTASKS"]), True)
+
+
+def slurm_rendezvous(environ: Mapping[str, str] | None = None) -> str:
+    """``tcp://host:port`` where rank 0 of an srun launch listens: MASTER_ADDR / MASTER_PORT if the job sets them,
+    else the first node of the allocation and a port derived from the job id (the same on every rank)."""
+    env = os.environ if environ is None else environ
+    if "MASTER_ADDR" in env:
+        addr = env["MASTER_ADDR"]
+    else:
+        addr = first_node_address(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    port = env.get("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+    return f"tcp://{addr}:{port}"
 
 
 def first_node_address(nodelist: str) -> str:
@@ -58,22 +80,23 @@ def first_node_address(nodelist: str) -> str:
 
 def env_world_size() -> int:
     """The number of processes this run was started as (torchrun's or srun's environment), before any init."""
-    _env_from_slurm()
-    return int(os.environ.get("WORLD_SIZE", 1))
+    return launch_env().world_size
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    _env_from_slurm()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    launch = launch_env()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(f"cuda:{local}") if device == "cuda" else torch.device(device)
+    dev = torch.device(f"cuda:{launch.local_rank}") if device == "cuda" else torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return DistInfo(rank=rank, local_rank=local, world_size=world, device=dev)
+    if launch.world_size > 1 and not dist.is_initialized():
+        # torchrun: env:// (the default), which also finds its agent's store; srun: everything said explicitly.
+        where = (dict(init_method=slurm_rendezvous(), rank=launch.rank, world_size=launch.world_size)
+                 if launch.by_slurm else {})
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None,
+                                **where)
+    return DistInfo(rank=launch.rank, local_rank=launch.local_rank, world_size=launch.world_size, device=dev)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

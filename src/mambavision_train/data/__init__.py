@@ -66,6 +66,15 @@ HOW_TO_EXTRACT = ("extract ImageNet's archives with `python -m mambavision_train
 
 def check(cfg: DataConfig, split: str) -> Path | None:
     """Fail fast, before anything expensive, with one line that says what to do."""
+    path = _locate(cfg, split)
+    if cfg.kind == "ffcv":
+        from .ffcv_loader import beton_reader, num_labels
+        _check_labels(path, num_labels(beton_reader(path)), cfg.num_classes)
+    return path
+
+
+def _locate(cfg: DataConfig, split: str) -> Path | None:
+    """The split's .beton file or class-folder tree, checked for all but the labels inside a .beton."""
     if cfg.kind not in KINDS:
         raise DataError(f"unknown data.kind {cfg.kind!r}; choose one of {', '.join(KINDS)}")
     if cfg.kind == "synthetic":
@@ -85,11 +94,6 @@ def check(cfg: DataConfig, split: str) -> Path | None:
             if not root.exists():
                 raise DataError(f"data.root={root} does not exist; {HOW_TO_PREPARE}")
             raise DataError(f"{path} not found: data.root must hold FFCV files; {HOW_TO_PREPARE}")
-        from .ffcv_loader import beton_num_labels
-        labels = beton_num_labels(path)
-        if labels > cfg.num_classes:
-            raise DataError(f"{path} has labels up to {labels - 1} but data.num_classes={cfg.num_classes}; set "
-                            f"data.num_classes={labels}")
         return path
     path = Path(cfg.folder_root or root).expanduser() / split
     if not path.is_dir():
@@ -105,20 +109,30 @@ def check(cfg: DataConfig, split: str) -> Path | None:
     return path
 
 
+def _check_labels(path: Path, labels: int, num_classes: int):
+    if labels > num_classes:
+        raise DataError(f"{path} has labels up to {labels - 1} but data.num_classes={num_classes}; set "
+                        f"data.num_classes={labels}")
+
+
 def build_loader(cfg: DataConfig, aug: AugConfig | None, *, train: bool, batch_size: int, res: int,
                  crop_pct: float = 1.0, crop_mode: str = "center", interpolation: str = "bicubic",
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), seed: int = 0, shard: Shard = Shard(),
                  device="cpu"):
     """A loader for the train or val split and the DeviceAugment that finishes its batches on ``device``."""
     aug = aug or AugConfig()
-    path = check(cfg, cfg.train_split if train else cfg.val_split)
+    # The checks of check(), but a .beton's tables are read once, for its label check and the loader together
+    # (the trainer has already run check() to fail before anything is built; eval.py relies on this one).
+    path = _locate(cfg, cfg.train_split if train else cfg.val_split)
     common = dict(train=train, batch_size=batch_size, res=res, seed=seed, shard=shard)
     cpu_done: tuple = ()
     if cfg.kind == "ffcv":
-        from .ffcv_loader import FFCVLoader
+        from .ffcv_loader import FFCVLoader, beton_reader, num_labels
+        reader = beton_reader(path)
+        _check_labels(path, num_labels(reader), cfg.num_classes)
         loader = FFCVLoader(path, crop_pct=crop_pct, crop_mode=crop_mode, scale=tuple(aug.scale),
                             ratio=tuple(aug.ratio), hflip=aug.hflip, num_workers=cfg.num_workers,
-                            os_cache=cfg.os_cache, **common)
+                            os_cache=cfg.os_cache, reader=reader, **common)
     elif cfg.kind == "folder":
         from .folder_loader import FolderLoader
         loader = FolderLoader(path, aug=aug, crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation,

@@ -17,9 +17,13 @@ from .ffcv_decoder import CropResizeDecoder
 from .order import Shard, batches_per_epoch, rank_indices
 
 
-def beton_num_labels(path) -> int:
-    """The number of labels a .beton uses (its largest label + 1), from its metadata table alone: no image is read."""
-    reader = Reader(str(path))
+def beton_reader(path) -> Reader:
+    """A .beton's header and tables (the metadata of every sample, where each one lies); no image is read."""
+    return Reader(str(path))
+
+
+def num_labels(reader: Reader) -> int:
+    """The number of labels a .beton uses (its largest label + 1), from its metadata table."""
     column = reader.metadata[f"f{reader.field_names.index('label')}"]  # FFCV names metadata columns by position
     return int(column.max()) + 1 if len(column) else 0
 
@@ -50,9 +54,11 @@ class FFCVLoader:
     def __init__(self, path, *, train: bool, batch_size: int, res: int, crop_pct: float = 1.0,
                  crop_mode: str = "center", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
                  seed: int = 0, shard: Shard = Shard(), num_workers: int = 2, os_cache: bool = True,
-                 dct_scaling: bool = True):
+                 dct_scaling: bool = True, reader: Reader | None = None):
+        """reader: the file's beton_reader() when the caller has one already (its tables are then not read again)."""
         self.path, self.train, self.batch_size, self.seed, self.shard = str(path), train, batch_size, seed, shard
-        self.num_samples = int(Reader(self.path).num_samples)  # numpy uint64 in FFCV: keep arithmetic signed
+        reader = reader or beton_reader(self.path)
+        self.num_samples = int(reader.num_samples)  # numpy uint64 in FFCV: keep arithmetic signed
         self.epoch, self.start_batch = 0, 0
         self.decoder = CropResizeDecoder((res, res), mode="random" if train else crop_mode, scale=scale,
                                          ratio=ratio, flip_prob=hflip, crop_pct=crop_pct, seed=seed,

@@ -343,13 +343,6 @@ class MambaVision(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# ------------------------------------------------------------------------------------------ checkpoint filter
-def checkpoint_filter_fn(state_dict, model):
-    """Official checkpoints share our names; only wrappers' prefixes (DDP, torch.compile, HF) need stripping."""
-    from .pretrained import extract_state_dict
-    return extract_state_dict(state_dict, model)
-
-
 # ------------------------------------------------------------------------------------------------ default cfgs
 def _cfg(hf_hub_id: str = "", hf_hub_filename: str = "", **kwargs):
     return {
@@ -389,7 +382,7 @@ default_cfgs = generate_default_cfgs({
 def _create_mambavision(variant: str, pretrained: bool = False, **kwargs):
     model = build_model_with_cfg(MambaVision, variant, pretrained=False, feature_cfg=dict(flatten_sequential=True),
                                  **kwargs)
-    if pretrained:
+    if pretrained:  # not timm's pretrained path: it adapts a head of another size silently; ours is strict
         from .pretrained import load_pretrained
         load_pretrained(model, model.pretrained_cfg["hf_hub_id"], filename=model.pretrained_cfg["hf_hub_filename"])
     return model

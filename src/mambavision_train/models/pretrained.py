@@ -1,5 +1,10 @@
 """Loading MambaVision weights: official ``.pth.tar`` files, plain state dicts, ``model.safetensors`` and
-Hugging Face repos, without ever executing code from the file."""
+Hugging Face repos, without ever executing code from the file.
+
+A thin layer over timm: its ``clean_state_dict`` strips the DDP / torch.compile prefixes and its hub helper downloads.
+What is ours: which weights a checkpoint holds (official, ours, EMA or not), the file layout of the official
+nvidia/MambaVision-* repos, one-line mismatch messages, and refusing what must not be loaded (sharded checkpoints,
+files that need code to unpickle)."""
 
 from __future__ import annotations
 
@@ -10,12 +15,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from timm.models import clean_state_dict
 
 # What an official (timm CheckpointSaver) checkpoint pickles besides tensors and builtins: the argparse
 # namespace of the training run under 'args'. Nothing else is allowed to be unpickled.
 SAFE_GLOBALS = [argparse.Namespace]
-# Wrappers that prefix parameter names: DDP, torch.compile, the transformers/HF wrapper, detection backbones.
-KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
+# Wrappers that prefix every parameter name, beyond the DDP / torch.compile ones timm's clean_state_dict strips:
+# the transformers/HF wrapper, detection and segmentation backbones.
+WRAPPER_PREFIXES = ("model.", "backbone.", "encoder.")
 
 
 class CheckpointError(RuntimeError):
@@ -29,11 +36,18 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping:
         raise CheckpointError(f"{path} is a sharded (FSDP2) checkpoint: use the run's exported checkpoints/ema_last.pth "
                               f"or convert it: python -m torch.distributed.checkpoint.format_utils dcp_to_torch "
                               f"{path} full.pt")
+    if path.name.endswith(".index.json"):
+        raise CheckpointError(f"{path} is the index of a sharded checkpoint: give one consolidated weights file "
+                              "(MambaVision fits in one)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path), device="cpu")
+    # Our own torch.load rather than timm.models.load_state_dict: that returns only the weights it picks (it knows
+    # neither our training checkpoints' 'ema' nor whether a file is one of ours), and the timm releases we accept
+    # differ on safety: 1.0.15 defaults to weights_only=False and has no allowlist for the official files'
+    # argparse.Namespace (its safe loader came later, as a private function). So weights_only=True is said here.
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -43,7 +57,9 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping:
 
 
 def _pick_weights(ckpt: Mapping, ema: bool | None) -> Mapping:
-    """The model weights inside a training checkpoint (or the checkpoint itself when it is a state dict)."""
+    """The model weights inside a training checkpoint (or the checkpoint itself when it is a state dict). timm's
+    load_state_dict has the same keys but one rule (EMA if present); ours are: official and timm (state_dict,
+    state_dict_ema), ours (model, ema), and the caller says whether EMA is required, refused or a fallback."""
     ema_keys = [k for k in ("state_dict_ema", "model_ema", "ema") if isinstance(ckpt.get(k), Mapping)]
     plain_keys = [k for k in ("state_dict", "model") if isinstance(ckpt.get(k), Mapping)]
     if ema:
@@ -58,16 +74,14 @@ def _pick_weights(ckpt: Mapping, ema: bool | None) -> Mapping:
 
 
 def _strip_prefix(state_dict: Mapping, expected: set[str]) -> dict:
-    """Remove a wrapper prefix shared by all keys when that makes the keys match the model's."""
-    sd = dict(state_dict)
-    changed = True
-    while changed and not set(sd) & expected:
-        changed = False
-        for p in KNOWN_PREFIXES:
-            if sd and all(k.startswith(p) for k in sd):
-                sd = {k[len(p):]: v for k, v in sd.items()}
-                changed = True
-                break
+    """timm's clean_state_dict (DDP, torch.compile), then a wrapper prefix shared by all keys as long as no key
+    matches the model's yet (wrappers nest: model.module.x)."""
+    sd = clean_state_dict(dict(state_dict))
+    while sd and not set(sd) & expected:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = clean_state_dict({k[len(prefix):]: v for k, v in sd.items()})
     return sd
 
 
@@ -97,7 +111,8 @@ def _describe_mismatch(model: nn.Module, sd: Mapping) -> str | None:
 
 
 def resolve_source(source: str | os.PathLike, filename: str | None = None) -> Path:
-    """A local file, or a Hugging Face repo id (``nvidia/MambaVision-T-1K`` or ``hf-hub:...``) downloaded to the cache."""
+    """A local file, or a Hugging Face repo id (``nvidia/MambaVision-T-1K``, ``hf-hub:...``, ``...@revision``)
+    downloaded to the cache with timm's hub helper."""
     src = str(source)
     if Path(src).expanduser().exists():
         return Path(src).expanduser()
@@ -105,17 +120,12 @@ def resolve_source(source: str | os.PathLike, filename: str | None = None) -> Pa
     if src.startswith(("/", ".", "~")) or repo_id.count("/") != 1:
         raise CheckpointError(f"checkpoint not found: {src} (give a file path or a Hugging Face repo id like "
                               "nvidia/MambaVision-T-1K)")
-    from huggingface_hub import hf_hub_download
-    filename = filename or _known_filename(repo_id)
+    from timm.models._hub import download_from_hf, hf_split
+    filename = filename or _known_filename(hf_split(repo_id)[0])
     try:
         if filename is None:
-            from huggingface_hub import list_repo_files
-            files = list_repo_files(repo_id)
-            filename = next((f for f in files if f.endswith(".pth.tar")), None) or next(
-                (f for f in files if f.endswith(".safetensors")), None)
-            if filename is None:
-                raise CheckpointError(f"no .pth.tar or .safetensors file in Hugging Face repo {repo_id}")
-        return Path(hf_hub_download(repo_id, filename))
+            filename = _weights_file(*hf_split(repo_id))
+        return Path(download_from_hf(repo_id, filename))
     except CheckpointError:
         raise
     except Exception as e:
@@ -125,12 +135,25 @@ def resolve_source(source: str | os.PathLike, filename: str | None = None) -> Pa
 
 
 def _known_filename(repo_id: str) -> str | None:
+    """The weights file of an official repo: each holds one ``.pth.tar`` named after the model, not the
+    ``model.safetensors`` / ``pytorch_model.bin`` timm's hub loader looks for."""
     from .mambavision import default_cfgs
     for cfg in default_cfgs.values():
         for pcfg in cfg.cfgs.values():
             if pcfg.hf_hub_id == repo_id:
                 return pcfg.hf_hub_filename
     return None
+
+
+def _weights_file(repo_id: str, revision: str | None) -> str:
+    """Another repo's weights: its first ``.pth.tar``, else its first ``.safetensors``."""
+    from huggingface_hub import list_repo_files
+    files = list_repo_files(repo_id, revision=revision)
+    found = next((f for f in files if f.endswith(".pth.tar")), None) or next(
+        (f for f in files if f.endswith(".safetensors")), None)
+    if found is None:
+        raise CheckpointError(f"no .pth.tar or .safetensors file in Hugging Face repo {repo_id}")
+    return found
 
 
 def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, *, ema: bool | None = False,
@@ -166,9 +189,7 @@ def read_weights(source, model: nn.Module, weights: str = "auto") -> tuple[dict,
         if not exported:
             raise CheckpointError(f"{run} has no exported EMA weights (ema_best.pth / ema_last.pth) yet")
         return extract_state_dict(read_checkpoint(exported[0]), model), "EMA"  # already a plain state dict
-    ckpt = source if isinstance(source, Mapping) else read_checkpoint(resolve_source(
-        source, model.pretrained_cfg.get("hf_hub_filename") if str(source) == model.pretrained_cfg.get("hf_hub_id")
-        else None))
+    ckpt = source if isinstance(source, Mapping) else read_checkpoint(resolve_source(source))
     ema = {"ema": True, "plain": False}.get(weights, is_training_checkpoint(ckpt))
     return extract_state_dict(ckpt, model, ema=ema), "EMA" if ema else "plain"
 
