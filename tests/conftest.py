@@ -34,8 +34,9 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: (item.get_closest_marker("slurm") is None, item.get_closest_marker("slow") is None))
 
 
-# Tests that must share one pytest-xdist worker: the Slurm tests, around the one cluster their module starts.
-ONE_WORKER = ("tests/test_slurm.py::",)
+# Tests that must share one pytest-xdist worker: the Slurm tests, around the one cluster their module starts; the
+# report tests, around the runs their module fixture trains (two minutes, which two workers would each spend).
+ONE_WORKER = ("tests/test_slurm.py::", "tests/test_report.py::")
 
 
 @pytest.hookimpl(optionalhook=True)
