@@ -293,3 +293,15 @@ def test_ffcv_eval_crops_agree_with_timms_eval_transform(digits, crop_pct):
     assert db.mean() > 32 and db.min() > 28
     shifted = ((outs["ffcv"] - outs["folder"].roll(1, 0)) ** 2).mean(dim=(1, 2, 3))  # other images: far apart
     assert (10 * torch.log10(255.0 ** 2 / shifted)).mean() < 20
+
+
+def test_evaluation_that_sees_no_image_is_an_error_not_a_zero():
+    from mambavision_train.data.synthetic import SyntheticLoader
+    from mambavision_train.engine.evaluate import evaluate
+
+    loader = SyntheticLoader(batch_size=8, res=16, num_classes=10, num_samples=5, train=False)
+    assert len(loader) == 0  # fewer images than one batch, and the synthetic loader keeps only whole ones
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    device_aug = DeviceAugment(NO_AUG, 10, MEAN, STD, "cpu", train=False)
+    with pytest.raises(DataError, match="evaluation saw no image"):
+        evaluate(model, loader, device_aug)

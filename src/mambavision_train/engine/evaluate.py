@@ -62,5 +62,8 @@ def evaluate(model, loader, device_aug, autocast=contextlib.nullcontext, progres
             model(x[:1])
     model.train(was_training)
     loss, top1, top5, n = all_reduce_sum(totals).tolist()
-    n = max(n, 1.0)
+    if n == 0:  # else a top-1 of 0 that looks like a result
+        from ..data import DataError
+        raise DataError("evaluation saw no image: the validation loader gave no batch (a set smaller than one batch, "
+                        "on a loader that drops the last one?); give it more images or a smaller eval batch size")
     return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "count": int(n)}
