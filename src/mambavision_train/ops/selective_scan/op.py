@@ -69,9 +69,7 @@ class _Triton:
         return self.module().backward(gout, u, delta, A, B, C, D, z, delta_bias, softplus, ckpt)
 
     def residuals_like(self, u, A, z):
-        b, d, l = u.shape
-        chunk = self.module().default_config(A.shape[1], l).chunk
-        return [u.new_empty((b, -(-l // chunk), d, A.shape[1]), dtype=torch.float32)]
+        return [self.module().checkpoints_like(u, A)]
 
 
 IMPLEMENTATIONS = {"torch": torch_scan, "triton": _Triton(), "cuda": _MambaCuda()}
@@ -97,8 +95,8 @@ def selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
 
 @selective_scan_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
-    last = u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=torch.float64 if impl == "torch" and
-                       u.dtype == torch.float64 else torch.float32)
+    state = torch_scan.state_dtype(u) if impl == "torch" else torch.float32
+    last = u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=state)
     return (torch.empty_like(u), last, *_padded(IMPLEMENTATIONS[impl].residuals_like(u, A, z), A))
 
 

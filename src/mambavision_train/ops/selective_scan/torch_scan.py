@@ -87,10 +87,15 @@ def linear_scan_reverse(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return s
 
 
+def state_dtype(u: torch.Tensor) -> torch.dtype:
+    """The dtype of the state and of the arithmetic: never below fp32."""
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
 def _layout(u, delta, B, C, delta_bias, softplus):
     """Everything the two passes share, from the inputs: compute dtype, chunking, delta before and after
     softplus, and the scan-layout copies of u, delta, B, C."""
-    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32  # the state is never kept below fp32
+    cdt = state_dtype(u)
     k, nc = _chunking(u.shape[-1])
     delta_raw = delta.to(cdt)
     if delta_bias is not None:
@@ -104,7 +109,7 @@ def residuals_like(u, A, z):
     """Empty tensors shaped like what ``forward`` keeps for ``backward`` (for tracing without computing)."""
     b, d, l = u.shape
     k, nc = _chunking(l)
-    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    cdt = state_dtype(u)
     state = u.new_empty((k, nc, b, d, A.shape[1]), dtype=cdt)
     return [state, torch.empty_like(state), u.new_empty((b, d, l) if z is not None else (0,), dtype=cdt)]
 

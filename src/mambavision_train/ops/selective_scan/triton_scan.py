@@ -196,14 +196,21 @@ def _flags(D, z, delta_bias, softplus, cfg, dstate):
                 num_warps=cfg.num_warps)
 
 
+def checkpoints_like(u, A, config: KernelConfig | None = None):
+    """The forward's chunk checkpoints, uninitialised: (b, chunks, d, n) fp32 (also the operator's fake)."""
+    b, d, l = u.shape
+    chunk = (config or default_config(A.shape[1], l)).chunk
+    return u.new_empty((b, triton.cdiv(l, chunk), d, A.shape[1]), dtype=torch.float32)
+
+
 def forward(u, delta, A, B, C, D, z, delta_bias, softplus, config: KernelConfig | None = None):
     """(y, last state, chunk checkpoints (b, chunks, d, n) fp32). Inputs contiguous; B, C (b, n, l)."""
     b, d, l = u.shape
     n = A.shape[1]
     cfg = config or default_config(n, l)
-    nchunks = triton.cdiv(l, cfg.chunk)
     out = torch.empty_like(u)
-    ckpt = torch.empty(b, nchunks, d, n, device=u.device, dtype=torch.float32)
+    ckpt = checkpoints_like(u, A, cfg)
+    nchunks = ckpt.shape[1]
     last = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
     _scan_fwd[(b, triton.cdiv(d, cfg.block_d))](
         u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
