@@ -6,11 +6,17 @@ Each fault is an environment variable:
   MV_FAULT_NAN=RANK:STEP[:grad]  at global step STEP (1-based), rank RANK's loss is NaN; with ':grad' the loss stays
                                  finite and its gradient is inf instead
   MV_FAULT_SLOW_SAVE=SECONDS     rank 0 waits this long inside every checkpoint save, before writing
+  MV_FAULT_HOLD_AT_STEPS=N[,M..] after logging global step N, each rank waits (at most 2 minutes) until it receives
+                                 a stop signal, which it then acts on at that step: a test signals a run at a known
+                                 step without racing it
+  MV_FAULT_ONLY_WHERE=VAR=VALUE  inject the faults only in processes whose environment has VAR=VALUE (one element
+                                 of an array job: SLURM_ARRAY_TASK_ID=0)
 """
 
 import os
 
-if any(k.startswith("MV_FAULT_") for k in os.environ):
+_where = os.environ.get("MV_FAULT_ONLY_WHERE", "=").split("=", 1)
+if any(k.startswith("MV_FAULT_") for k in os.environ) and os.environ.get(_where[0], "") == _where[1]:
     import signal
     import time
 
@@ -64,3 +70,16 @@ if any(k.startswith("MV_FAULT_") for k in os.environ):
             return write(self, *args, **kwargs)
 
         checkpoint.RunCheckpoints.save = slow_save
+
+    if "MV_FAULT_HOLD_AT_STEPS" in os.environ:
+        hold_at, log_train = {int(s) for s in os.environ["MV_FAULT_HOLD_AT_STEPS"].split(",")}, Trainer.log_train
+
+        def log_then_hold(self, out):
+            log_train(self, out)
+            if self.state.global_step in hold_at:
+                print(f"fault: holding at global step {self.state.global_step} until a signal", flush=True)
+                deadline = time.monotonic() + 120
+                while not self.stops.received and time.monotonic() < deadline:
+                    time.sleep(0.1)
+
+        Trainer.log_train = log_then_hold

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import random
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -36,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
 from ..cli import say
+from ..preemption import PRIORITY as STOP_SIGNALS
 from . import DataError
 from .images import BadImage, load_rgb
 from .order import Shard, batches_per_epoch, rank_indices, sample_key
@@ -147,6 +151,28 @@ class ShardBatchSampler(Sampler):
         return len(self.owner)
 
 
+def leave_stop_signals_to_the_trainer(worker_id: int):
+    """Slurm sends its signals (requeue, preemption, cancellation, the time-limit warning) to every process of the
+    job step, these workers included. A worker that died of Slurm's SIGTERM would make the DataLoader raise in the
+    training process before it could write its checkpoint (a requeued run would start over). So the workers ignore
+    the stop signals, and the trainer stops them once it has checkpointed (Slurm's SIGKILL ends them after KillWait).
+    A SIGTERM from the training process itself still ends a worker, as torch's own worker handler does: it is how
+    multiprocessing stops workers left running at exit. Python's handlers do not see the sender, so a thread waits
+    for SIGTERM with sigwaitinfo, which does."""
+    for sig in STOP_SIGNALS:
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+
+    def wait_for_sigterm():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm-from-trainer", daemon=True).start()
+
+
 class FolderLoader:
     """Iterate (images uint8 (B, 3, H, W), labels int64 (B,)) over one rank's share of an ImageFolder tree."""
 
@@ -164,7 +190,7 @@ class FolderLoader:
         self.generator = torch.Generator()
         self.loader = DataLoader(self.dataset, batch_sampler=ShardBatchSampler(self), num_workers=num_workers,
                                  collate_fn=collate, generator=self.generator, pin_memory=torch.cuda.is_available(),
-                                 persistent_workers=False)
+                                 persistent_workers=False, worker_init_fn=leave_stop_signals_to_the_trainer)
 
     @property
     def classes(self):
