@@ -104,6 +104,30 @@ def five_steps(shared_run):
 
 
 @pytest.fixture(scope="session")
+def few_digits(tmp_path_factory, env) -> list[str]:
+    """The overrides of a demo on a fifth of the digits: 26 train images per class (epochs of 4 steps at batch 64,
+    on 1 or 2 ranks) and 6 validation images per class but one (59: uneven shards on 2 ranks), as image folders and
+    .beton files like the full set. For the tests that must cross an epoch's end and its validation, on 2 ranks."""
+    root = shared_dir(tmp_path_factory, "few_digits")
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "val.beton").is_file():
+            from mambavision_train.data import digits
+            from mambavision_train.data.convert import ConvertOptions, convert
+            full = digits.prepare(Path(env["MAMBAVISION_CACHE"]) / "digits", beton=False) / "images"
+            for split, per_class in (("train", 26), ("val", 6)):
+                for c in range(10):
+                    files = sorted((full / split / str(c)).iterdir())[:per_class - (split == "val" and c == 0)]
+                    (root / "images" / split / str(c)).mkdir(parents=True, exist_ok=True)
+                    for f in files:
+                        shutil.copy(f, root / "images" / split / str(c) / f.name)
+            convert(root / "images", root, ("train", "val"),
+                    ConvertOptions(max_side=digits.SIZE, quality=95, workers=1, overwrite=True))
+            torch.set_num_threads(THREADS)  # importing FFCV set it to 1
+    return ["experiment=demo", f"data.root={root}", "data.prepare=null"]
+
+
+@pytest.fixture(scope="session")
 def official():
     """The official mambavision package (test-only reference), its scan routed to mamba_ssm's reference loop."""
     from mambavision_train.ops.selective_scan.mamba_ssm_compat import reference_selective_scan_fn

@@ -1,6 +1,7 @@
 """Recipe fidelity: timm's EMA arithmetic, the official augmentation order, the recipe block and its comparison with
 the paper, and the paper row a checkpoint is compared with."""
 
+import random
 import re
 
 import pytest
@@ -47,6 +48,7 @@ def test_erasing_runs_on_the_mixed_batch():
     the image and its partner with one box of exact zeros. (Erased before mixing, the box would hold half of the
     partner, and the partner's box would show as half of this image.)"""
     torch.manual_seed(0)
+    random.seed(0)  # timm's erasing draws its boxes from Python's generator
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(16) % 10
     aug = DeviceAugment(AugConfig(rand_augment=None, color_jitter=0.0, reprob=1.0, remode="const", mixup=0.8,
@@ -58,7 +60,7 @@ def test_erasing_runs_on_the_mixed_batch():
     for i in range(16):
         erased = (out[i] == 0).all(0)
         rows, cols = erased.any(1).nonzero(), erased.any(0).nonzero()
-        assert erased.sum() >= 0.02 * 32 * 32, i  # timm's smallest box
+        assert erased.sum() >= 0.5 * 0.02 * 32 * 32, i  # timm's smallest box: 2% of the image, sides rounded
         assert erased[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all(), i  # one rectangle
         assert torch.allclose(out[i][:, ~erased], want[i][:, ~erased], atol=1e-5), i
 
