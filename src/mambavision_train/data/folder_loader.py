@@ -159,6 +159,8 @@ def leave_stop_signals_to_the_trainer(worker_id: int):
     A SIGTERM from the training process itself still ends a worker, as torch's own worker handler does: it is how
     multiprocessing stops workers left running at exit. Python's handlers do not see the sender, so a thread waits
     for SIGTERM with sigwaitinfo, which does."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no Slurm to signal the workers, nothing to leave
+        return
     for sig in STOP_SIGNALS:
         if sig != signal.SIGTERM:
             signal.signal(sig, signal.SIG_IGN)
