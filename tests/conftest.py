@@ -113,7 +113,6 @@ def few_digits(tmp_path_factory, env) -> list[str]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / "val.beton").is_file():
             from mambavision_train.data import digits
-            from mambavision_train.data.convert import ConvertOptions, convert
             full = digits.prepare(Path(env["MAMBAVISION_CACHE"]) / "digits", beton=False) / "images"
             for split, per_class in (("train", 26), ("val", 6)):
                 for c in range(10):
@@ -121,9 +120,7 @@ def few_digits(tmp_path_factory, env) -> list[str]:
                     (root / "images" / split / str(c)).mkdir(parents=True, exist_ok=True)
                     for f in files:
                         shutil.copy(f, root / "images" / split / str(c) / f.name)
-            convert(root / "images", root, ("train", "val"),
-                    ConvertOptions(max_side=digits.SIZE, quality=95, workers=1, overwrite=True))
-            torch.set_num_threads(THREADS)  # importing FFCV set it to 1
+            digits.write_betons(root, workers=1)
     return ["experiment=demo", f"data.root={root}", "data.prepare=null"]
 
 

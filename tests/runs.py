@@ -9,16 +9,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Both on the digits through the folder loader: a process that imports FFCV first spends ~6 s compiling its numba
-# code, and these runs check what does not depend on the loader (tests/test_data.py and the runs with FFCV do).
+# The demo on the digits through the folder loader, for runs that check what does not depend on the loader: a
+# process that imports FFCV first spends ~6 s compiling its numba code (tests/test_data.py and the runs that need
+# FFCV use it).
+DEMO = ["experiment=demo", "data.kind=folder"]
+
 # SGD: its update is proportional to the gradient (Adam's first step is ~lr * sign(g), which turns rounding noise
 # in near-zero gradients into full-size differences); no warmup, so the step is large.
-ONE_STEP = ["experiment=demo", "data.kind=folder", "aug=none", "aug.hflip=0.0", "aug.color_jitter=0.0", "model.drop_path_rate=0.0",
-            "max_steps=1", "progress=false", "logger.mode=disabled", "optim.name=sgd", "optim.lr=0.2",
-            "optim.weight_decay=0.0", "sched.warmup_epochs=0", "ema.decay=0.5"]
+ONE_STEP = [*DEMO, "aug=none", "aug.hflip=0.0", "aug.color_jitter=0.0", "model.drop_path_rate=0.0", "max_steps=1",
+            "progress=false", "logger.mode=disabled", "optim.name=sgd", "optim.lr=0.2", "optim.weight_decay=0.0",
+            "sched.warmup_epochs=0", "ema.decay=0.5"]
 
 # A short demo run: every checkpoint kept in view (one every 2 steps), nothing on the console but log lines.
-SHORT = ["experiment=demo", "data.kind=folder", "batch_size=32", "micro_batch_size=32", "checkpoint.every_n_steps=2", "progress=false",
+SHORT = [*DEMO, "batch_size=32", "micro_batch_size=32", "checkpoint.every_n_steps=2", "progress=false",
          "logger.mode=disabled", "log_every=1"]
 
 

@@ -13,15 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from runs import ONE_STEP, ROOT, assert_same_run, faults, final_state, run, torchrun
+from runs import DEMO, ONE_STEP, ROOT, assert_same_run, faults, final_state, run, torchrun
 from slurm_cluster import LocalSlurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # on one xdist worker: tests/conftest.py ONE_WORKER
 
 QUIET = ["progress=false", "logger.mode=disabled", "log_every=1"]
-# The digits through the folder loader: what these tests check (the scheduler's signals, requeues, exact resumes)
-# does not depend on the loader, and a process that imports FFCV spends ~6 s compiling its numba code first.
-DEMO = ["experiment=demo", "data.kind=folder"]
 # The test nodes have 2 CPUs and 2 fake GPUs each: one task with both CPUs per node.
 ONE_TASK = ["--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=2"]
 

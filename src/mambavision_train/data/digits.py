@@ -50,18 +50,23 @@ def build_folder(root: Path) -> Path:
 def prepare(root: str | os.PathLike | None = None, workers: int = 2, beton: bool = True) -> Path:
     """Build the digits ImageFolder under ``root`` if missing, and its .beton files too with ``beton`` (they need
     the ffcv extra; data.kind=folder reads the ImageFolder alone); returns ``root``."""
-    from .convert import ConvertOptions, convert
     root = Path(root) if root else default_root()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # every rank of a first distributed run gets here: one builds, the rest wait
-        images = build_folder(root)
+        build_folder(root)
         if beton and not all((root / f"{s}.beton").exists() for s in ("train", "val")):
-            import torch
-            threads = torch.get_num_threads()
-            convert(images, root, ("train", "val"), ConvertOptions(max_side=SIZE, quality=95, workers=workers,
-                                                                  overwrite=True))
-            # Importing FFCV sets torch's thread count to 1 (ffcv.pipeline.compiler): a run that had to build the
-            # data would otherwise compute (and round) differently from the same run resumed.
-            torch.set_num_threads(threads)
+            write_betons(root, workers)
     return root
+
+
+def write_betons(root: Path, workers: int = 2):
+    """``root``/{train,val}.beton from the image folders in ``root``/images, as the demo stores them."""
+    import torch
+    from .convert import ConvertOptions, convert
+    threads = torch.get_num_threads()
+    convert(root / "images", root, ("train", "val"), ConvertOptions(max_side=SIZE, quality=95, workers=workers,
+                                                                   overwrite=True))
+    # Importing FFCV sets torch's thread count to 1 (ffcv.pipeline.compiler): a run that had to build the data would
+    # otherwise compute (and round) differently from the same run resumed.
+    torch.set_num_threads(threads)
