@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from runs import ONE_STEP, ROOT, assert_same_run, faults, final_state, run, run_in_process
+from runs import ONE_STEP, ROOT, assert_same, assert_same_run, faults, final_state, run, run_in_process
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
@@ -65,7 +65,6 @@ BAD_REQUESTS = [  # (script, overrides, what the one line on stderr starts with)
     ("train.py", ["experiment=demo", "checkpoint.keep_last_n=0"], "error: checkpoint.keep_last_n=0 is out of range"),
     ("train.py", ["experiment=demo", "data.kind=lmdb"], "error: data.kind='lmdb' is not one of: ffcv, folder, synthetic"),
     ("train.py", ["experiment=demo", "sched.warmup_epochs=20"], "error: sched.warmup_epochs=20.0 is longer than epochs=8"),
-    ("train.py", ["experiment=demo", "dist=fsdp", "amp=fp16"], "error: amp=fp16 with dist=fsdp is not supported"),
     ("train.py", ["experiment=demo", "aug=paper", "batch_size=63", "micro_batch_size=63"], "error: micro_batch_size=63: Mixup/CutMix pairs images"),
     ("train.py", ["experiment=demo", "optim.lr=???"], "error: optim.lr must be set (e.g. optim.lr=...)"),
     ("train.py", ["data.root=/nope"], "error: data.root=/nope does not exist; prepare ImageNet with"),
@@ -270,3 +269,16 @@ def test_grad_checkpointing_trains_and_equals_the_plain_step(env, tmp_path):
             assert torch.allclose(v, sb["model"][k], atol=1e-6, rtol=1e-5), (k, (v - sb["model"][k]).abs().max())
         else:
             assert torch.equal(v, sb["model"][k]), (k, v, sb["model"][k])  # num_batches_tracked
+
+
+@pytest.mark.slow
+def test_deterministic_mode_runs_and_changes_nothing_on_the_cpu(env, tmp_path, shared_run):
+    """deterministic=true (torch's deterministic algorithms; on CUDA also cuBLAS's workspace and no cuDNN
+    autotuning) trains, says so, and on the CPU, deterministic already, gives the same bits as the default."""
+    base = shared_run("one_step_batch_32", *ONE_STEP, "batch_size=32", "micro_batch_size=32")
+    res = run("train.py", *ONE_STEP, "batch_size=32", "micro_batch_size=32", "deterministic=true",
+              f"run_dir={tmp_path}", env=env)
+    assert re.search(r"numerics +selective scan auto -> torch; deterministic on", res.stdout), res.stdout[-2000:]
+    a, b = final_state(base), final_state(tmp_path)
+    for part in ("model", "ema", "optimizer"):
+        assert_same(a[part], b[part], part)

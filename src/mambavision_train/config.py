@@ -28,7 +28,7 @@ class Choice(str, Enum):
 
 
 class Amp(Choice):
-    auto = "auto"  # bf16 on CUDA, fp32 on the CPU
+    auto = "auto"  # bf16 on GPUs with native bf16, else fp16; fp32 on the CPU
     bf16 = "bf16"
     fp16 = "fp16"  # with a GradScaler
     fp32 = "fp32"
@@ -168,6 +168,8 @@ class TrainConfig:
     micro_batch_size: int = 128  # per device per forward; accumulation = batch_size / (micro_batch_size x GPUs)
     eval_batch_size: Optional[int] = None  # default: micro_batch_size
     amp: Amp = Amp.auto
+    deterministic: bool = False  # CUDA: deterministic kernels, so a resume is bit-exact there too (slower); false:
+    # cuDNN picks its fastest kernels. The CPU is always deterministic.
     channels_last: bool = True
     compile: bool = False
     clip_grad: Optional[float] = 5.0  # global grad-norm clipping; null: off
@@ -233,10 +235,13 @@ def _choice(key: str, value, choices, what: str = ""):
         raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
 
 
-def check_device(device: str):
+def check_device(device: str, world_size: int = 1):
     import torch
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ConfigError(f"device={device!r} is not one of: auto, cpu, cuda, cuda:N")
+    if ":" in device and world_size > 1:  # every rank on the same GPU: NCCL refuses it ("duplicate GPU")
+        raise ConfigError(f"device={device} with {world_size} processes would put every rank on one GPU; use "
+                          f"device=auto or cuda (each rank takes the GPU of its local rank)")
     if device.startswith("cuda"):
         count = torch.cuda.device_count()
         index = int(device.split(":")[1]) if ":" in device else 0
@@ -276,7 +281,7 @@ def check_scan(cfg):
     from .ops.selective_scan import resolve_impl
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
     try:
-        resolve_impl(cfg.model.scan_impl, torch.device(device))
+        resolve_impl(cfg.model.scan_impl, torch.device(device), deterministic=bool(cfg.get("deterministic")))
     except (RuntimeError, ValueError) as e:
         raise ConfigError(f"model.scan_impl={cfg.model.scan_impl}: {e}") from None
 
@@ -306,7 +311,7 @@ def validate_train(cfg, world_size: int) -> int:
     check_schema(TrainConfig, cfg)
     check_model(cfg)
     check_data(cfg)
-    check_device(cfg.device)
+    check_device(cfg.device, world_size)
     check_scan(cfg)
     check_source("init_from", cfg.init_from)
     check_run_root(cfg)
@@ -331,9 +336,6 @@ def validate_train(cfg, world_size: int) -> int:
     _choice("aug.train_interpolation", cfg.aug.train_interpolation, ("random", "bilinear", "bicubic", "nearest"))
     if cfg.sched.warmup_epochs > cfg.epochs:
         raise ConfigError(f"sched.warmup_epochs={cfg.sched.warmup_epochs} is longer than epochs={cfg.epochs}")
-    if cfg.dist.kind == DistKind.fsdp and cfg.amp == Amp.fp16:
-        raise ConfigError("amp=fp16 with dist=fsdp is not supported (GradScaler does not see other ranks' shards); "
-                          "use amp=bf16")
     if cfg.dist.kind == DistKind.none and world_size > 1:
         raise ConfigError(f"dist=none with {world_size} processes would train {world_size} independent models; use "
                           f"dist=ddp or dist=fsdp")
@@ -348,11 +350,11 @@ def validate_train(cfg, world_size: int) -> int:
     return cfg.batch_size // per_step
 
 
-def validate_eval(cfg):
+def validate_eval(cfg, world_size: int = 1):
     check_schema(EvalConfig, cfg)
     check_model(cfg)
     check_data(cfg)
-    check_device(cfg.device)
+    check_device(cfg.device, world_size)
     check_scan(cfg)
     check_source("checkpoint", cfg.checkpoint)
     _in(cfg, "batch_size", 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 from pathlib import Path
 
@@ -11,18 +10,19 @@ from timm.models import get_pretrained_cfg
 from tqdm import tqdm
 
 from ..data import Shard, build_loader, from_config, DataConfig
-from ..distributed import init_distributed
+from ..distributed import env_world_size, init_distributed
 from ..models import is_in21k, load_pretrained, paper_row
 from ..models.pretrained import read_weights
 from ..preemption import requeue_on_timeout_signal
 from ..config import validate_eval
-from .evaluate import amp_dtype, create_model, evaluate, variant_data_args
+from ..precision import amp_dtype, autocast
+from .evaluate import create_model, evaluate, variant_data_args
 
 TABLE_HEAD = "| model | weights | top-1 | top-5 | paper top-1 | difference | images |\n|---|---|---|---|---|---|---|\n"
 
 
 def run_eval(cfg) -> dict:
-    validate_eval(cfg)
+    validate_eval(cfg, env_world_size())
     info = init_distributed(cfg.device)
     requeue_on_timeout_signal(info.is_main)
     data = from_config(DataConfig, cfg.data)
@@ -41,9 +41,8 @@ def run_eval(cfg) -> dict:
     load_pretrained(model, sd)
     model.to(info.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     dtype = amp_dtype(cfg.amp, info.device)
-    autocast = (lambda: torch.autocast(info.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     progress = (lambda it: tqdm(it, desc=f"eval {cfg.model.name}", unit="batch", disable=not (info.is_main and cfg.progress)))
-    out = evaluate(model, loader, aug, autocast, progress)
+    out = evaluate(model, loader, aug, lambda: autocast(info.device, dtype), progress)
     row = paper_row(cfg.model.name, is_in21k(cfg.model.name, source, cfg.pretrain)) if data.num_classes == 1000 else None
     paper = row["top1"] if row else None
     out.update(model=cfg.model.name, weights=f"{source} ({kind})", paper_top1=paper,

@@ -12,19 +12,10 @@ from ..distributed import all_reduce_max, all_reduce_sum
 from ..parallel import is_sharded
 
 
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-AMP_NAMES = {v: k for k, v in AMP.items()}
-
-
-def amp_dtype(amp: str, device: torch.device):
-    """The autocast dtype of an ``amp`` setting (validated by the config schema); None: no autocast."""
-    return AMP["bf16" if device.type == "cuda" else "fp32"] if amp == "auto" else AMP[amp]
-
-
 def create_model(model_cfg, num_classes: int, **extra):
     """The variant a model config names, with the settings it gives (null: the variant's own)."""
     import timm
-    settings = dict(scan_impl=model_cfg.scan_impl, img_size=model_cfg.img_size, **extra)
+    settings = dict(scan_impl=model_cfg.scan_impl, img_size=model_cfg.img_size) | extra
     return timm.create_model(model_cfg.name, num_classes=num_classes,
                              **{k: v for k, v in settings.items() if v is not None})
 
