@@ -132,7 +132,7 @@ def build_loader(cfg: DataConfig, aug: AugConfig | None, *, train: bool, batch_s
         _check_labels(path, num_labels(reader), cfg.num_classes)
         loader = FFCVLoader(path, crop_pct=crop_pct, crop_mode=crop_mode, scale=tuple(aug.scale),
                             ratio=tuple(aug.ratio), hflip=aug.hflip, num_workers=cfg.num_workers,
-                            os_cache=cfg.os_cache, reader=reader, **common)
+                            os_cache=cfg.os_cache, reader=reader, device=device, **common)
     elif cfg.kind == "folder":
         from .folder_loader import FolderLoader
         loader = FolderLoader(path, aug=aug, crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation,
@@ -141,7 +141,8 @@ def build_loader(cfg: DataConfig, aug: AugConfig | None, *, train: bool, batch_s
     else:
         from .synthetic import SyntheticLoader
         loader = SyntheticLoader(num_classes=cfg.num_classes, num_samples=cfg.num_samples, **common)
-    return loader, DeviceAugment(aug, cfg.num_classes, mean, std, device, train=train, cpu_done=cpu_done)
+    return loader, DeviceAugment(aug, cfg.num_classes, mean, std, device, train=train, cpu_done=cpu_done,
+                                 reused_buffers=cfg.kind == "ffcv")
 
 
 __all__ = ["DataConfig", "AugConfig", "DataError", "DeviceAugment", "Shard", "build_loader", "check", "from_config"]

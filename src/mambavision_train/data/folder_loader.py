@@ -83,12 +83,14 @@ def train_transform(res: int, aug):
 
 @contextlib.contextmanager
 def seeded(key: int):
-    """Python's, numpy's and torch's global RNGs (what timm's PIL transforms draw from) seeded from ``key``, and
-    restored afterwards: with num_workers=0 they are the training loop's own."""
+    """Python's, numpy's and torch's CPU global RNGs (what timm's PIL transforms draw from) seeded from ``key``, and
+    restored afterwards: with num_workers=0 they are the training loop's own. Only torch's CPU generator:
+    torch.manual_seed would also reseed every CUDA generator (DropPath's, the device augmentation's), which nothing
+    here restores."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(key)
     np.random.seed(key % 2**32)
-    torch.manual_seed(key % 2**63)
+    torch.default_generator.manual_seed(key % 2**63)
     try:
         yield
     finally:

@@ -8,7 +8,6 @@ the official code.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import sys
@@ -36,7 +35,9 @@ from ..parallel import clip_grad_norm, grad_sync, is_sharded, parallelize
 from ..preemption import StopSignals
 from ..rundir import RunLog
 from .ema import EMA
-from .evaluate import AMP_NAMES, amp_dtype, create_model, evaluate, variant_data_args
+from ..ops.selective_scan import resolve_impl
+from ..precision import AMP_NAMES, amp_dtype, autocast, set_determinism
+from .evaluate import create_model, evaluate, variant_data_args
 from .mesa import mesa_active, mesa_loss
 from .resume import checkpoints_to_try, load_first_good
 
@@ -78,10 +79,14 @@ class Trainer:
         cfg = self.cfg
         self.stops, self.stopping = StopSignals(self.dist.device, self.dist.is_main, log=self.log), None
         self.dtype = amp_dtype(cfg.amp, self.dist.device)
+        set_determinism(cfg.deterministic, self.dist.device)
+        # The scan this run computes with, fixed once here (auto depends on the device and on what is installed).
+        self.scan = resolve_impl(cfg.model.scan_impl, self.dist.device, deterministic=cfg.deterministic)
         if self.dist.is_main:
             rundir.start(self.run_dir, cfg, self.log, self.dist.world_size)
             recipe.announce(cfg, self.run_dir, out=self.log, world_size=self.dist.world_size,
-                            accumulation=self.accum, amp=AMP_NAMES[self.dtype], device=str(self.dist.device))
+                            accumulation=self.accum, amp=AMP_NAMES[self.dtype], device=str(self.dist.device),
+                            scan=self.scan)
         self.state = TrainState()
         self.live = self.dist.is_main and cfg.progress and sys.stdout.isatty()  # progress bars, else log lines
         self._seed(cfg.seed)  # the same initial weights on every rank
@@ -130,7 +135,7 @@ class Trainer:
 
     def build_model(self):
         m = self.cfg.model
-        model = create_model(m, self.cfg.data.num_classes, drop_path_rate=m.drop_path_rate)
+        model = create_model(m, self.cfg.data.num_classes, drop_path_rate=m.drop_path_rate, scan_impl=self.scan)
         if self.cfg.init_from:  # before the EMA copy: it starts from these weights too
             try:
                 loaded = init_from(model, self.cfg.init_from, str(self.cfg.init_head))
@@ -160,9 +165,7 @@ class Trainer:
         return LabelSmoothingCrossEntropy(aug.smoothing) if aug.smoothing > 0 else torch.nn.CrossEntropyLoss()
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.dtype)
+        return autocast(self.dist.device, self.dtype)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def meta_state(self) -> dict:
@@ -217,7 +220,10 @@ class Trainer:
                 group.update(fresh)
         else:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        else:  # amp=fp16 now, bf16/fp32 before: a disabled scaler saved nothing to go on from
+            self.log(f"amp=fp16 from here on: the GradScaler starts at scale {self.scaler.get_scale():g}")
         self.state = TrainState(**state["state"])
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
@@ -253,28 +259,33 @@ class Trainer:
             losses.append(loss.detach().float())
         losses = torch.stack(losses)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(self.model.parameters(), cfg.clip_grad)
-        # One verdict for every rank: a rank that skipped alone would leave the others stepping on the NaN it
-        # all-reduced into their gradients, one that stopped alone would leave them waiting in a collective. With
-        # fp16 an inf gradient is routine: the GradScaler skips that step and lowers its scale.
-        bad = torch.tensor([not bool(torch.isfinite(losses).all()),
-                            not (math.isfinite(grad_norm) or self.scaler.is_enabled())], device=losses.device)
-        if all_reduce_max(bad.to(torch.int32)).any():
-            return self.non_finite(losses, grad_norm)
-        self.scaler.step(self.optimizer)
+        norm = clip_grad_norm(self.model.parameters(), cfg.clip_grad)
+        # One verdict for every rank, in one all-reduce: a rank that skipped alone would leave the others stepping on
+        # the NaN it all-reduced into their gradients, one that stopped alone would leave them waiting in a
+        # collective; the same reduction carries the strongest stop signal any rank has received. With fp16 an inf
+        # gradient is routine: the GradScaler skips that step and lowers its scale.
+        flags = torch.stack([~torch.isfinite(losses).all(), ~torch.isfinite(norm) & (not self.scaler.is_enabled())])
+        stop = flags.new_full((1,), self.stops.received, dtype=torch.int32)  # a fill on the device, not a copy
+        verdict = all_reduce_max(torch.cat([flags.int(), stop]))
+        # The step's one wait for the device: everything the host needs from it, in one copy.
+        bad_loss, bad_grad, stop, loss, grad_norm = torch.cat([verdict.float(), losses.mean()[None],
+                                                               norm.float()[None]]).tolist()
+        out = {"loss": loss, "grad_norm": grad_norm, "stop": self.stops.signal(int(stop))}
+        if bad_loss or bad_grad:
+            return {**out, **self.non_finite(losses, grad_norm, "loss" if bad_loss else "gradient")}
+        self.scaler.step(self.optimizer)  # fp16: the scaler reads its inf verdict here (one more wait)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
             self.ema.update(self.model)
-        return {"loss": losses.mean().item(), "grad_norm": grad_norm}
+        return out
 
-    def non_finite(self, losses, grad_norm) -> dict:
+    def non_finite(self, losses, grad_norm, what: str) -> dict:
         """Every rank gets here at the same step: skip it together, or stop together before any update."""
         st = self.state
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.update()  # closes the unscale_ above (and lowers the fp16 scale if it overflowed)
         where = f"epoch {st.epoch}, step {st.step} (global step {st.global_step + 1})"
-        what = "loss" if not torch.isfinite(losses).all() else "gradient"
         if self.cfg.nan_policy == "skip":
             st.skipped_steps += 1
             self.log(f"warning: non-finite {what} on some rank at {where}: step skipped on every rank "
@@ -310,7 +321,7 @@ class Trainer:
             if cfg.checkpoint.every_n_steps and st.global_step % cfg.checkpoint.every_n_steps == 0 \
                     and st.step < self.steps_per_epoch:
                 self.save(tag=f"step_{st.global_step}" if cfg.checkpoint.keep_steps else None)
-            self.stopping = self.stops.requested()
+            self.stopping = out["stop"]  # decided by every rank in the step's verdict
             if self.stopping or (cfg.max_steps and st.global_step >= cfg.max_steps):
                 break
         bar.close()

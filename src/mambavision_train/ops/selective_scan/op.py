@@ -84,12 +84,19 @@ def _padded(residuals: list, like: Tensor) -> list:
     return list(residuals) + [_placeholder(like) for _ in range(N_RESIDUALS - len(residuals))]
 
 
+def _dense(*tensors):
+    """The operator's inputs in contiguous memory: the kernels index raw pointers as if they were. The Python wrapper
+    makes them so, but torch.compile calls the operator directly and Inductor may hand it any strides (a no-op for
+    tensors that are contiguous already)."""
+    return [t if t is None else t.contiguous() for t in tensors]
+
+
 @torch.library.custom_op("mambavision::selective_scan", mutates_args=())
 def selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
                       impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, last state, residual 0..2): see the module docstring. ``impl`` must already be resolved."""
-    out, last, residuals = IMPLEMENTATIONS[impl].forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    out, last, residuals = IMPLEMENTATIONS[impl].forward(*_dense(u, delta, A, B, C, D, z, delta_bias), delta_softplus)
     return (out, last, *_padded(residuals, A))
 
 
@@ -106,7 +113,8 @@ def selective_scan_backward_op(gout: Tensor, u: Tensor, delta: Tensor, A: Tensor
                                r0: Tensor, r1: Tensor, r2: Tensor, delta_softplus: bool,
                                impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (u, delta, A, B, C, D, z, delta_bias); placeholders stand for the absent optional inputs."""
-    grads = IMPLEMENTATIONS[impl].backward(gout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r0, r1, r2)
+    grads = IMPLEMENTATIONS[impl].backward(*_dense(gout, u, delta, A, B, C, D, z, delta_bias), delta_softplus,
+                                           *_dense(r0, r1, r2))
     return tuple(_placeholder(gout) if g is None else g.contiguous() for g in grads)
 
 
