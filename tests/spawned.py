@@ -84,5 +84,23 @@ def fsdp_fp16_skip(rank: int) -> dict:
     return {"stepped": stepped, "scale": scaler.get_scale()}
 
 
-def fsdp_checks(rank: int) -> dict:
-    return {"mixed_precision": fsdp_mixed_precision(rank), "fp16_skip": fsdp_fp16_skip(rank)}
+def fsdp_eval_with_an_empty_shard(rank: int, root: str) -> dict:
+    """Validation of a sharded model on a set of one image: rank 1 has no batch at all, yet must join rank 0's
+    forward (FSDP's forward is collective) with a stand-in."""
+    import timm
+
+    import mambavision_train  # noqa: F401
+    from mambavision_train.data import DataConfig, Shard, build_loader
+    from mambavision_train.engine.evaluate import evaluate
+    from mambavision_train.parallel import shard_like_fsdp
+    torch.manual_seed(0)
+    model = timm.create_model("mambavision_demo", img_size=32)
+    shard_like_fsdp(model, None)
+    loader, aug = build_loader(DataConfig(kind="folder", root=root, num_classes=10, num_workers=0), None, train=False,
+                               batch_size=4, res=32, shard=Shard(rank, 2))
+    return {"batches": sum(1 for _ in loader), "count": evaluate(model, loader, aug)["count"]}
+
+
+def fsdp_checks(rank: int, root: str) -> dict:
+    return {"mixed_precision": fsdp_mixed_precision(rank), "fp16_skip": fsdp_fp16_skip(rank),
+            "empty_shard": fsdp_eval_with_an_empty_shard(rank, root)}

@@ -161,8 +161,14 @@ def test_two_srun_style_processes_form_a_group_from_slurm_variables_alone(env):
 
 @pytest.fixture(scope="module")
 def fsdp_checks(tmp_path_factory):
+    """What 2 FSDP2 ranks see, from one start of 2 processes (tests/spawned.py). One image in a val set for the
+    check of a rank without a validation batch."""
+    from PIL import Image
     from spawned import fsdp_checks, spawn
-    return spawn(fsdp_checks, 2, tmp_path_factory.mktemp("fsdp_checks"))
+    out = tmp_path_factory.mktemp("fsdp_checks")
+    (out / "one" / "val" / "3").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(out / "one" / "val" / "3" / "a.png")
+    return spawn(fsdp_checks, 2, out, str(out / "one"))
 
 
 def test_fsdp2_keeps_the_ssm_parameters_in_fp32_inside_the_mixer(fsdp_checks):
@@ -179,3 +185,9 @@ def test_fsdp2_fp16_skips_a_step_on_every_rank_when_one_shard_overflows(fsdp_che
     reduces the verdict over the ranks (torch >= 2.5), so an overflow in one rank's shard skips the step everywhere
     and every rank lowers its scale: the ranks stay in step."""
     assert [rank["fp16_skip"] for rank in fsdp_checks] == [{"stepped": False, "scale": 32768.0}] * 2
+
+
+def test_fsdp2_validation_on_a_rank_without_a_batch_joins_the_others(fsdp_checks):
+    """One validation image over two sharded ranks: rank 1 has no batch, joins rank 0's forward with a stand-in
+    image, and both count the one image."""
+    assert [rank["empty_shard"] for rank in fsdp_checks] == [{"batches": 1, "count": 1}, {"batches": 0, "count": 1}]

@@ -1,8 +1,8 @@
 """Data: ImageNet-style folders -> FFCV files; loaders (FFCV, ImageFolder fallback, synthetic); device-side
 augmentation. One interface: ``build_loader(data_cfg, aug_cfg, ...)`` -> (loader, device_augment).
 
-Every loader yields (uint8 images (B, 3, H, W), int64 labels), has ``set_epoch(epoch, start_batch=0)`` and
-``len()``, and reads only its rank's shard, in an order fixed by (seed, epoch).
+Every loader yields (uint8 images (B, 3, H, W), int64 labels), has ``set_epoch(epoch, start_batch=0)``, ``len()``
+and ``res`` (H = W), and reads only its rank's shard, in an order fixed by (seed, epoch).
 """
 
 from __future__ import annotations

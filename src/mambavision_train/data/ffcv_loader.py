@@ -97,6 +97,7 @@ class FFCVLoader:
         """reader: the file's beton_reader() when the caller has one already (its tables are then not read again);
         device: where the batches will go (FFCV's thread is kept on it, above)."""
         self.path, self.train, self.batch_size, self.seed, self.shard = str(path), train, batch_size, seed, shard
+        self.res = res
         reader = reader or beton_reader(self.path)
         self.num_samples = int(reader.num_samples)  # numpy uint64 in FFCV: keep arithmetic signed
         self.epoch, self.start_batch = 0, 0

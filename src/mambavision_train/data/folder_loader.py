@@ -183,7 +183,7 @@ class FolderLoader:
     def __init__(self, root, *, train: bool, batch_size: int, res: int, aug=None, crop_pct: float = 1.0,
                  crop_mode: str = "center", interpolation: str = "bicubic", seed: int = 0, shard: Shard = Shard(),
                  num_workers: int = 2):
-        self.train, self.batch_size, self.seed, self.shard = train, batch_size, seed, shard
+        self.train, self.batch_size, self.seed, self.shard, self.res = train, batch_size, seed, shard, res
         transform = train_transform(res, aug) if train else eval_transform(res, crop_pct, interpolation, crop_mode)
         self.folder = ImageFolder(str(root), transform=transform, loader=load_rgb)
         self.dataset = SeededDataset(self.folder, seed, replace_bad=train)
