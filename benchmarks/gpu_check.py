@@ -9,8 +9,11 @@
    Triton kernel configurations at the T stage-3 shape.
 3. Inference and training img/s of T, S, B at 224 px, batch 128, bf16 autocast, channels_last, per scan; then T
    with torch.compile.
-4. ``train.py experiment=demo`` for one epoch on CUDA (bf16, paper augmentation: Mixup/CutMix and erasing on the
-   device, folder loader), then ``eval.py`` on its checkpoint.
+4. The trainer on the device (gpu_trainer.py): host-device syncs per optimizer step and per augmented batch (CUDA's
+   sync debug mode), ``deterministic=true`` runs equal bit for bit, ``ema_last.pth`` loading without a GPU, and where
+   FFCV is installed and there are 2+ GPUs, which GPUs a rank on GPU 1 holds a context on.
+5. ``train.py experiment=demo`` for one epoch on CUDA (bf16, paper augmentation: Mixup/CutMix and erasing on the
+   device, folder loader) in a fresh run directory, then ``eval.py`` on its checkpoint.
 Every row is printed as it is measured (a run cut short keeps what it had), and the table again at the end.
 Sections that would overrun the time budget are skipped with a line saying so. ``--quick``: tiny sizes, any device.
 """
@@ -24,6 +27,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# A smoke run on the CPU (--device cpu) runs the Triton kernels in Triton's interpreter, which must be chosen before
+# triton is first imported (torch's FLOP counter imports it with torch).
+if "cpu" in sys.argv[sys.argv.index("--device") + 1:][:1]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import timm
 import torch
@@ -47,6 +55,7 @@ def row(*cells):
     print("| " + " | ".join(ROWS[-1]) + " |", flush=True)
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"], "gpu_check.md")
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".tmp").write_text(HEAD + "".join("| " + " | ".join(r) + " |\n" for r in ROWS))
         path.with_suffix(".tmp").replace(path)
 
@@ -194,6 +203,23 @@ def end_to_end(device, limit):
         f"ok ({secs:.0f} s)" if res.returncode == 0 else "FAIL")
 
 
+def trainer_checks(device: str):
+    """benchmarks/gpu_trainer.py: syncs per step and per augmented batch, determinism, the EMA file, FFCV's thread."""
+    try:
+        import hydra  # noqa: F401
+    except ImportError:
+        row("trainer on the device", "-", "-", "hydra-core missing (bring .whl/, see gpu_check.sh)", "SKIP")
+        return
+    import gpu_trainer
+    os.environ.setdefault("MAMBAVISION_CACHE", tempfile.mkdtemp(prefix="gpu_check_cache_"))
+    checks = [gpu_trainer.determinism] + ([gpu_trainer.syncs, lambda d: gpu_trainer.ffcv_contexts()]
+                                          if device.startswith("cuda") else [])
+    for check in checks:
+        with guarded(f"trainer: {getattr(check, '__name__', 'ffcv')}"):
+            for r in check(device):
+                row(*r)
+
+
 def correctness(impls, device, q):
     for impl in impls:
         for shape, dtype, with_z in [((2, 16, 20) if q else (8, 160, 196), torch.float32, False),
@@ -252,7 +278,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run on any device")
     ap.add_argument("--limit", type=float, default=450, help="seconds; later sections are skipped past it")
-    ap.add_argument("--sections", default="correctness,scan,models,e2e,compile")
+    ap.add_argument("--sections", default="correctness,scan,models,trainer,e2e,compile")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -281,6 +307,8 @@ def main():
                         ips = measure(model, mode, batch, res, "bf16", impl, warm, iters, device)
                         row(f"{model} {mode} img/s", impl, f"batch {batch}, bf16", f"{ips:.0f}",
                             f"{time.perf_counter() - t0:.0f} s")
+    if "trainer" in todo and section("trainer on the device", 90, args.limit):
+        trainer_checks(args.device)
     if "e2e" in todo and section("end to end", 90, args.limit):
         with guarded("end to end"):
             end_to_end(args.device, max(60, args.limit - (time.perf_counter() - START) - 60))
@@ -296,10 +324,6 @@ def main():
     print("| check | scan | setting | result | status |\n|---|---|---|---|---|")
     for r in ROWS:
         print("| " + " | ".join(r) + " |")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_check.md").write_text(
-            "| check | scan | setting | result | status |\n|---|---|---|---|---|\n"
-            + "".join("| " + " | ".join(r) + " |\n" for r in ROWS))
     if any(r[4] == "FAIL" for r in ROWS):
         raise SystemExit("gpu_check: FAILED")
 

@@ -82,7 +82,7 @@ class LocalSlurm:
             f"SlurmdSpoolDir={r}/spool/d-%n", f"SlurmctldPidFile={r}/run/slurmctld.pid",
             f"SlurmdPidFile={r}/run/slurmd-%n.pid", f"SlurmctldLogFile={r}/log/slurmctld.log",
             f"SlurmdLogFile={r}/log/slurmd-%n.log", "MailProg=/bin/true", "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none", "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
+            "TaskPlugin=task/affinity", "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "ReturnToService=2", "MpiDefault=none", "JobRequeue=1", "KillWait=30",
             "MinJobAge=3600", "SchedulerParameters=sched_interval=2,bf_interval=2", "GresTypes=gpu",
             "PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE", "SlurmctldParameters=preempt_send_user_signal",

@@ -3,6 +3,7 @@ an array job over two demo trainings, requeue and real preemption resuming to id
 staying cancelled, a Hydra multirun through submitit (one element requeued through submitit), two-node DDP
 requeued and resumed."""
 
+import json
 import os
 import re
 import subprocess
@@ -59,6 +60,26 @@ def wait_for(path: Path, pattern: str, timeout: float = 180, count: int = 1) -> 
             return text
         time.sleep(0.3)
     raise TimeoutError(f"{pattern!r} x{count} not in {path} after {timeout} s:\n{text[-3000:]}")
+
+
+def test_every_task_gets_the_cpus_of_its_allocation(cluster, job_env, tmp_path):
+    """launch.sh passes --cpus-per-task to srun (Slurm 22.05's release notes have srun stop reading it from sbatch),
+    and the cluster binds tasks to cores (TaskPlugin=task/affinity): each task runs on its own cpus-per-task CPUs.
+    The training process's thread count defaults to 1 on GPU tasks (the cores are the loader's), else to its CPUs."""
+    code = ("import os; print('task', os.environ['SLURM_PROCID'], sorted(os.sched_getaffinity(0)), "
+            "os.environ['OMP_NUM_THREADS'])")
+    env = {k: v for k, v in job_env.items() if k != "OMP_NUM_THREADS"}
+    jobs = {"two": cluster.sbatch("-w", "n1", "--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/two.out",
+                                  ROOT / "slurm/launch.sh", "-c", code, env=env),
+            "gpu": cluster.sbatch("-w", "n2", *ONE_TASK, f"--output={tmp_path}/gpu.out", ROOT / "slurm/launch.sh",
+                                  "-c", code, env=env)}
+    for name, jid in jobs.items():
+        assert cluster.wait(jid, 120)[0]["JobState"] == "COMPLETED", (tmp_path / f"{name}.out").read_text()
+    tasks = lambda name: sorted(re.findall(r"^task (\d) (\[.*\]) (\d+)$", (tmp_path / f"{name}.out").read_text(), re.M))
+    two = tasks("two")
+    assert [(rank, len(json.loads(cpus)), omp) for rank, cpus, omp in two] == [("0", 1, "1"), ("1", 1, "1")]
+    assert json.loads(two[0][1]) != json.loads(two[1][1])  # each on a core of its own
+    assert [(rank, len(json.loads(cpus)), omp) for rank, cpus, omp in tasks("gpu")] == [("0", 2, "1")]
 
 
 def test_paper_table_array_job_trains_and_evaluates_two_demo_runs(cluster, job_env, tmp_path):

@@ -232,8 +232,8 @@ class RunCheckpoints:
     def _ema_full_state(self):
         if not self.ema:
             return None
-        if not self.sharded:
-            return self.ema.state_dict() if self.is_main else None
+        if not self.sharded:  # on the CPU: a file of CUDA tensors does not load on a machine without a GPU
+            return {k: v.cpu() for k, v in self.ema.state_dict().items()} if self.is_main else None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(self.ema.module, options=StateDictOptions(full_state_dict=True,
                                                                               cpu_offload=True))
