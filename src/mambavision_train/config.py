@@ -129,6 +129,7 @@ class LoggerConfig:
 class EmaConfig:
     enabled: bool = True
     decay: float = 0.9998
+    warmup: bool = False  # timm ModelEmaV3's warm-up: decay min(decay, 1 - (1 + step)^-2/3), for short runs
 
 
 @dataclass
@@ -196,6 +197,9 @@ class EvalConfig:
     device: str = "auto"
     channels_last: bool = True
     table: Optional[str] = None  # append a row to this markdown file (the reproduction table)
+    topk: int = 5  # also report top-k accuracy for this k (top-1 and top-5 are always reported)
+    out_dir: Optional[str] = None  # per_class.csv, confusion.csv/png; null: beside `table` (<table>_<model>_<weights>/)
+    # when there is one, else not written (balanced accuracy is printed either way)
     progress: bool = True
 
 
@@ -358,3 +362,4 @@ def validate_eval(cfg, world_size: int = 1):
     check_scan(cfg)
     check_source("checkpoint", cfg.checkpoint)
     _in(cfg, "batch_size", 1)
+    _in(cfg, "topk", 1)

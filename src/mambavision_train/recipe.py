@@ -18,7 +18,7 @@ RECIPE_KEYS = (
     "optim.name", "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "optim.layer_decay",
     "sched.warmup_epochs", "sched.warmup_lr", "sched.min_lr", "sched.cooldown_epochs",
     "epochs", "batch_size", "micro_batch_size", "clip_grad", "seed", "amp",
-    "ema.enabled", "ema.decay", "mesa.weight", "mesa.start_ratio", "data.num_classes",
+    "ema.enabled", "ema.decay", "ema.warmup", "mesa.weight", "mesa.start_ratio", "data.num_classes",
 )
 
 
@@ -69,7 +69,8 @@ def describe(cfg, *, world_size: int, accumulation: int, amp: str, device: str, 
                      f"{s.warmup_epochs} epochs from {s.warmup_lr:g}"),
         ("batch", f"{cfg.batch_size} per step = {cfg.micro_batch_size} per device x {world_size} device(s) x "
                   f"{accumulation} accumulation"),
-        ("EMA", on(cfg.ema.enabled, f"decay {cfg.ema.decay:g} (timm ModelEmaV2), selects best.pth.tar")),
+        ("EMA", on(cfg.ema.enabled, f"decay {cfg.ema.decay:g} (timm ModelEmaV2"
+                                    f"{', with ModelEmaV3 warm-up' if cfg.ema.warmup else ''}), selects best.pth.tar")),
         ("MESA", on(cfg.mesa.weight > 0, f"weight {cfg.mesa.weight:g} after {cfg.mesa.start_ratio:.0%} of the epochs")),
         ("AMP", f"{cfg.amp} -> {amp} on {device}"),
         ("numerics", f"selective scan {cfg.model.scan_impl or 'auto'} -> {scan}; deterministic "

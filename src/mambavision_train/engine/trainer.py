@@ -24,7 +24,8 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from .. import recipe, rundir
 from ..config import validate_train
-from ..data import AugConfig, DataConfig, Shard, build_loader, from_config
+from ..data import AugConfig, DataConfig, Shard, build_loader, class_map, from_config, num_images
+from ..data import classes as class_files
 from ..data import check as check_data
 from ..distributed import (DistInfo, all_reduce_max, env_world_size, gather_objects, init_distributed,
                            reduce_bn_stats)
@@ -39,7 +40,7 @@ from ..ops.selective_scan import resolve_impl
 from ..precision import AMP_NAMES, amp_dtype, autocast, set_determinism
 from .evaluate import create_model, evaluate, variant_data_args
 from .mesa import mesa_active, mesa_loss
-from .resume import checkpoints_to_try, load_first_good
+from .resume import checkpoints_to_try, load_first_good, refuse_a_used_run_dir
 
 
 class TrainingError(RuntimeError):
@@ -67,8 +68,13 @@ class Trainer:
         self.data_cfg, self.aug_cfg = from_config(DataConfig, cfg.data), from_config(AugConfig, cfg.aug)
         for split in (self.data_cfg.train_split, self.data_cfg.val_split):
             check_data(self.data_cfg, split)
+        self.classes = class_map(self.data_cfg)  # label i is classes[i]; image folders: both splits agree
+        per_rank = num_images(self.data_cfg, self.data_cfg.train_split) // env_world_size()
+        if per_rank < cfg.batch_size // env_world_size():  # before any weights are read or models built
+            raise TrainingError(too_small(cfg.batch_size, per_rank))
         self.dist: DistInfo = init_distributed(cfg.device)
         self.run_dir = Path(cfg.run_dir)
+        refuse_a_used_run_dir(self.run_dir, str(cfg.resume))
         # Rank 0's lines from here on go to train.log too, the line that ends the run included.
         self.log = RunLog(self.run_dir / "train.log" if self.dist.is_main else None)
         with self.log.failures():
@@ -84,6 +90,7 @@ class Trainer:
         self.scan = resolve_impl(cfg.model.scan_impl, self.dist.device, deterministic=cfg.deterministic)
         if self.dist.is_main:
             rundir.start(self.run_dir, cfg, self.log, self.dist.world_size)
+            class_files.write(self.classes, self.run_dir / "classes.json")
             recipe.announce(cfg, self.run_dir, out=self.log, world_size=self.dist.world_size,
                             accumulation=self.accum, amp=AMP_NAMES[self.dtype], device=str(self.dist.device),
                             scan=self.scan)
@@ -96,7 +103,7 @@ class Trainer:
         # these generators: it is a function of (seed, epoch) alone (data/order.py).
         self._seed(cfg.seed + self.dist.rank)
         self.build_data()
-        self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None
+        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
         # FSDP2 shards only contiguous parameters: there channels_last stays on the activations (the convolutions
         # follow their input's layout).
         fmt = torch.channels_last if cfg.channels_last and cfg.dist.kind != "fsdp" else torch.contiguous_format
@@ -108,17 +115,18 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
-            raise TrainingError(f"one optimizer step needs {cfg.batch_size} images per epoch but this rank has "
-                                f"{len(self.train_loader) * cfg.micro_batch_size}; lower batch_size")
+            raise TrainingError(too_small(cfg.batch_size, len(self.train_loader) * cfg.micro_batch_size))
         self.total_epochs = cfg.epochs + cfg.sched.cooldown_epochs
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, cfg.epochs, self.steps_per_epoch)
+        self.warn_if_the_ema_cannot_follow(self.total_epochs * self.steps_per_epoch)
         # This config's hyper-parameters, put back over a restored optimizer when resume_allow_changes is set.
         self.fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.dtype == torch.float16)
         self.criterion = self.build_criterion()
         self.checkpoints = ckpt.RunCheckpoints(self.run_dir, self.model, self.ema, self.optimizer, self.dist.is_main,
                                                sharded=is_sharded(self.model), device=self.dist.device,
-                                               keep_last_n=cfg.checkpoint.keep_last_n)
+                                               keep_last_n=cfg.checkpoint.keep_last_n,
+                                               export={"classes": self.classes, "model": cfg.model.name})
         self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg.logger, self.dist.is_main,
                                     OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
@@ -127,6 +135,16 @@ class Trainer:
         total = self.total_epochs * self.steps_per_epoch
         self.meter = Throughput(cfg.batch_size, min(total, cfg.max_steps or total), self.state.global_step)
         self.summarized_at = None  # the global step metrics.csv and curves.png were last written at
+
+    def warn_if_the_ema_cannot_follow(self, steps: int):
+        """An EMA that averages over many more updates than the run has stays near the initial weights, and it is
+        the EMA that picks best.pth.tar and that eval.py evaluates: one line says so before the run spends its time."""
+        ema = self.cfg.ema
+        if self.dist.is_main and ema.enabled and not ema.warmup and 1 / (1 - ema.decay) > steps:
+            self.log(f"warning: ema.decay={ema.decay:g} averages the last ~{1 / (1 - ema.decay):.0f} optimizer steps "
+                     f"but this run has {steps}: the EMA weights (which select best.pth.tar and which eval.py "
+                     f"evaluates) would stay close to the initial ones; set ema.warmup=true or "
+                     f"ema.decay={max(0.0, 1 - 10 / steps):.3g}")
 
     def _seed(self, seed):
         random.seed(seed)
@@ -151,7 +169,7 @@ class Trainer:
         cfg, data, aug = self.cfg, self.data_cfg, self.aug_cfg
         view = variant_data_args(self.model, cfg.model)
         common = dict(res=view["res"], mean=view["mean"], std=view["std"], seed=cfg.seed,
-                      shard=Shard(self.dist.rank, self.dist.world_size), device=self.dist.device)
+                      shard=Shard(self.dist.rank, self.dist.world_size), device=self.dist.device, classes=self.classes)
         self.train_loader, self.train_aug = build_loader(data, aug, train=True, batch_size=cfg.micro_batch_size,
                                                          **common)
         self.val_loader, self.val_aug = build_loader(data, aug, train=False,
@@ -171,7 +189,7 @@ class Trainer:
     def meta_state(self) -> dict:
         """Everything but model, EMA and optimizer (those are written by RunCheckpoints)."""
         return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "state": asdict(self.state), "data_seed": self.cfg.seed,
+                "state": asdict(self.state), "data_seed": self.cfg.seed, "classes": self.classes,
                 "rng": gather_objects(ckpt.rng_state(), self.dist), "world_size": self.dist.world_size,
                 "bn_stats": gather_objects(self.bn_stats(), self.dist) if self.dist.distributed else None,
                 "config": OmegaConf.to_yaml(self.cfg, resolve=True)}
@@ -277,7 +295,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.state.global_step + 1)
         return out
 
     def non_finite(self, losses, grad_norm, what: str) -> dict:
@@ -406,6 +424,11 @@ class Trainer:
         if self.dist.is_main and self.summarized_at != self.state.global_step:
             rundir.update(self.run_dir, self.log)
             self.summarized_at = self.state.global_step
+
+
+def too_small(batch_size: int, per_rank: int) -> str:
+    return (f"one optimizer step needs {batch_size} images per epoch but this rank has {per_rank}; lower batch_size "
+            f"(a small dataset: experiment=finetune_own, docs/finetune.md)")
 
 
 def summary_table(s: dict) -> str:

@@ -12,6 +12,7 @@ import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -179,26 +180,38 @@ def is_training_checkpoint(ckpt: Mapping) -> bool:
     return isinstance(ckpt.get("ema"), Mapping) and "state" in ckpt
 
 
-def read_weights(source, model: nn.Module, weights: str = "auto") -> tuple[dict, str]:
-    """(state dict, 'EMA' or 'plain') from any source ``load_pretrained`` takes, or one of our run directories (its
-    ``ema_best.pth``, else ``ema_last.pth``). weights: auto (EMA for our training checkpoints, ``state_dict`` for
-    official files) | ema | plain."""
+class Weights(NamedTuple):
+    state_dict: dict
+    kind: str  # "EMA" or "plain"
+    classes: list | None  # the class map they were trained with (ours), None when the file has none (official)
+
+
+def read_weights(source, model: nn.Module, weights: str = "auto") -> Weights:
+    """The weights of any source ``load_pretrained`` takes, or of one of our run directories (its ``ema_best.pth``,
+    else ``ema_last.pth``), with the class map they carry. weights: auto (EMA for our training checkpoints,
+    ``state_dict`` for official files) | ema | plain."""
     run = Path(str(source)).expanduser() / "checkpoints"
     if not isinstance(source, Mapping) and run.is_dir():
         exported = [run / n for n in ("ema_best.pth", "ema_last.pth") if (run / n).is_file()]
         if not exported:
             raise CheckpointError(f"{run} has no exported EMA weights (ema_best.pth / ema_last.pth) yet")
-        return extract_state_dict(read_checkpoint(exported[0]), model), "EMA"  # already a plain state dict
+        ckpt = read_checkpoint(exported[0])
+        return Weights(extract_state_dict(ckpt, model), "EMA", _classes(ckpt))
     ckpt = source if isinstance(source, Mapping) else read_checkpoint(resolve_source(source))
     ema = {"ema": True, "plain": False}.get(weights, is_training_checkpoint(ckpt))
-    return extract_state_dict(ckpt, model, ema=ema), "EMA" if ema else "plain"
+    return Weights(extract_state_dict(ckpt, model, ema=ema), "EMA" if ema else "plain", _classes(ckpt))
+
+
+def _classes(ckpt: Mapping) -> list | None:
+    classes = ckpt.get("classes")
+    return list(classes) if isinstance(classes, (list, tuple)) else None
 
 
 def init_from(model: nn.Module, source, init_head: str = "reset") -> str:
     """Fine-tuning's start: every tensor of ``source`` goes into ``model`` (BatchNorm statistics included), except a
     classifier for another number of classes, which keeps its fresh initialisation (``init_head=reset``) or is an
     error (``keep``). Anything else that does not fit is an error listing it. Returns what was loaded, in words."""
-    sd, kind = read_weights(source, model)
+    sd, kind, _ = read_weights(source, model)
     own = model.state_dict()
     head = [k for k in own if k.startswith("head.")]
     other = any(k in sd and tuple(sd[k].shape) != tuple(own[k].shape) for k in head)
