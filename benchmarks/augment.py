@@ -5,9 +5,9 @@
 Both run inside the same ``DeviceAugment`` (RandAugment rand-m9-mstd0.5-inc1, Mixup/CutMix, normalise, random
 erasing; colour jitter is off under RandAugment, as in timm); the previous ``randaugment.py`` is read from git at
 ``--previous`` (the last commit before the sync-free one) into a module at run time. On real photos (scikit-image's),
-batch 128 at 224 px and batch 64 at 32 px: time per batch (median of interleaved runs), the host syncs and aten ops
-per batch (``tests/syncs.py``: what would make a GPU's host wait, and about the kernels it would launch), and
-whether both give the same pixels for the same seeds.
+batch 128 at 224 px and batch 64 at 32 px: time per batch (median of interleaved runs; CPU time on a CPU device,
+wall time on a GPU), the host syncs and aten ops per batch (``tests/syncs.py``: what would make a GPU's host wait,
+and about the kernels it would launch), and whether both give the same pixels for the same seeds.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import random
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from unittest import mock
@@ -72,13 +73,15 @@ def main():
             return aug(x, y)
 
     impls = {"previous": run_previous, "sync-free": aug}
+    # On a CPU device: CPU time (all threads); on a GPU: wall time to the end of the device's work.
+    clock, unit = (time.process_time, "CPU-ms") if args.device == "cpu" else (time.perf_counter, "ms")
     print(f"# device augmentation, paper recipe, {args.device}; previous = {args.previous}; {machine()}")
-    print("| batch x px | previous ms | sync-free ms | ratio | host syncs | aten ops | same pixels |")
+    print(f"| batch x px | previous {unit} | sync-free {unit} | ratio | host syncs | aten ops | same pixels |")
     print("|---|---|---|---|---|---|---|")
     for batch, res in SHAPES:
         x = photos(batch, res).to(args.device)
         y = torch.randint(0, 1000, (batch,), device=args.device)
-        times = interleaved({k: (lambda f=f: f(x, y)) for k, f in impls.items()}, repeats=args.repeats)
+        times = interleaved({k: (lambda f=f: f(x, y)) for k, f in impls.items()}, repeats=args.repeats, clock=clock)
         counts = {}
         for k, f in impls.items():
             with host_syncs() as s:

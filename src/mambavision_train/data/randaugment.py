@@ -77,8 +77,8 @@ def _mean_gray(gray):  # ImageEnhance.Contrast's degenerate: the rounded mean of
     return (gray.mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()
 
 
-def _blend(degenerate, x, factor):
-    return (degenerate + factor.view(-1, 1, 1, 1) * (x - degenerate)).clamp_(0, 255)
+def _blend(degenerate, x, factor):  # degenerate + factor * (x - degenerate), in one new tensor
+    return (x - degenerate).mul_(factor.view(-1, 1, 1, 1)).add_(degenerate).clamp_(0, 255)
 
 
 def _enhance_factor(level, sign):
@@ -89,9 +89,10 @@ def _smooth(x):
     """PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13) inside, the border kept, as ImageEnhance.Sharpness."""
     k = x.new_ones(3, 3)  # made on the device: x.new_tensor(...) would be a blocking copy
     k[1, 1] = 5
-    k = k.div_(13).expand(x.shape[1], 1, 3, 3)
-    out = x.clone()
-    out[:, :, 1:-1, 1:-1] = F.conv2d(x, k, groups=x.shape[1])
+    out = F.conv2d(x, k.div_(13).expand(x.shape[1], 1, 3, 3), padding=1, groups=x.shape[1])
+    rows, cols = slice(None, None, max(x.shape[2] - 1, 1)), slice(None, None, max(x.shape[3] - 1, 1))  # first, last
+    out[:, :, rows] = x[:, :, rows]
+    out[:, :, :, cols] = x[:, :, :, cols]
     return out
 
 
@@ -120,20 +121,21 @@ def _point(name, v, level, sign, lo, hi, mean):
 
 
 def _matrix(name, level, sign, h, w):
-    """The op's affine map (n, 2, 3), PIL's convention: output pixel centres -> input positions (pixels)."""
-    one, zero = torch.ones_like(level), torch.zeros_like(level)
+    """The op's affine map (n, 2, 3), PIL's convention: output pixel centres -> input positions (pixels);
+    the identity for name None."""
     if name == "Rotate":
         theta = -torch.deg2rad(sign * level * 30.0)
         cos, sin = torch.cos(theta), torch.sin(theta)
         cx, cy = w / 2.0, h / 2.0
         return torch.stack([torch.stack([cos, sin, cx - cos * cx - sin * cy], -1),
                             torch.stack([-sin, cos, cy + sin * cx - cos * cy], -1)], 1)
-    rows = {"ShearX": ((one, sign * level * 0.3, zero), (zero, one, zero)),
-            "ShearY": ((one, zero, zero), (sign * level * 0.3, one, zero)),
-            "TranslateXRel": ((one, zero, sign * level * 0.45 * w), (zero, one, zero)),
-            "TranslateYRel": ((one, zero, zero), (zero, one, sign * level * 0.45 * h)),
-            None: ((one, zero, zero), (zero, one, zero))}[name]
-    return torch.stack([torch.stack(r, -1) for r in rows], 1)
+    mats = level.new_zeros(level.shape[0], 2, 3)
+    mats[:, 0, 0] = mats[:, 1, 1] = 1
+    if name is not None:  # shears and translations move one entry of the identity
+        row, col, scale, size = {"ShearX": (0, 1, 0.3, 1), "ShearY": (1, 0, 0.3, 1), "TranslateXRel": (0, 2, 0.45, w),
+                                 "TranslateYRel": (1, 2, 0.45, h)}[name]
+        mats[:, row, col] = sign * level * scale * size
+    return mats
 
 
 def _affine(x, mats, bicubic):
@@ -151,7 +153,8 @@ def _affine(x, mats, bicubic):
     # Both interpolations of every image, picked per image: warping only the images of one kind needs their
     # number on the host.
     sample = lambda mode: F.grid_sample(shifted, grid, mode=mode, padding_mode="zeros", align_corners=False)
-    return (torch.where(bicubic.view(-1, 1, 1, 1), sample("bicubic"), sample("bilinear")) + fill).clamp_(0, 255)
+    bilinear = sample("bilinear")
+    return torch.where(bicubic.view(-1, 1, 1, 1), sample("bicubic"), bilinear, out=bilinear).add_(fill).clamp_(0, 255)
 
 
 def _apply(name, x, mag, sign, bicubic):
@@ -169,13 +172,13 @@ def _apply(name, x, mag, sign, bicubic):
     return _point(name, x, level, sign, lo, hi, _mean_gray(_gray(x).round()))
 
 
-def _equalize_lut(hist):
-    """PIL's ImageOps.equalize table from per-channel histograms (n, 256, 3): the pixels below each level, over
-    a step of (pixels - those at the brightest level present) / 255, rounded; the identity when that step is 0."""
-    top = 255 - (hist.flip(1) > 0).int().argmax(1, keepdim=True)
-    step = (hist.sum(1, keepdim=True) - hist.gather(1, top)) // 255
-    lut = ((hist.cumsum(1) - hist + step // 2) // step.clamp(min=1)).clamp(max=255)
-    return torch.where(step > 0, lut, torch.arange(256, device=hist.device).view(1, 256, 1))
+def _equalize_lut(hist, top):
+    """PIL's ImageOps.equalize table from per-channel histograms (..., 256) and the brightest level present in each:
+    the pixels below each level over a step of (pixels - those at the top level) / 255, rounded; the identity
+    where that step is 0."""
+    step = (hist.sum(-1, keepdim=True) - hist.gather(-1, top)) // 255
+    lut = ((hist.cumsum(-1) - hist + step // 2) // step.clamp(min=1)).clamp(max=255)
+    return torch.where(step > 0, lut, torch.arange(256, device=hist.device))
 
 
 def _layer(x, kind, mag, sign, bicubic):
@@ -184,28 +187,31 @@ def _layer(x, kind, mag, sign, bicubic):
     level = mag / 10.0
     drew = lambda names: functools.reduce(torch.logical_or, [kind == OPS.index(k) for k in names]).view(-1, 1, 1, 1)
     # Point ops: per image and channel, a table over the 256 grey levels, picked by kind, looked up by one gather.
-    levels = x.permute(0, 2, 3, 1).reshape(n, h * w, 3).long()  # a view of channels_last images, as (n, HW, C)
-    hist = torch.zeros(n, 256, 3, dtype=torch.long, device=x.device)
-    hist.scatter_add_(1, levels, torch.ones(1, dtype=torch.long, device=x.device).expand_as(levels))
+    levels = x.long().view(n, 3, h * w)  # a view, for contiguous and channels_last images alike
+    hist = torch.zeros(n, 3, 256, dtype=torch.long, device=x.device)
+    hist.scatter_add_(2, levels, torch.ones(1, dtype=torch.long, device=x.device).expand_as(levels))
     present = (hist > 0).int()
-    lo = present.argmax(1).view(n, 3, 1, 1).float()
-    hi = 255 - present.flip(1).argmax(1).view(n, 3, 1, 1).float()
-    gray = _gray(x).round()
-    ramp = torch.arange(256, dtype=x.dtype, device=x.device).view(1, 1, 1, 256).expand(n, 3, 1, 256)
+    top = 255 - present.flip(2).argmax(2, keepdim=True)
+    lo, hi = present.argmax(2).view(n, 3, 1, 1).to(x.dtype), top.view(n, 3, 1, 1).to(x.dtype)  # = amin, amax
+    gray = _gray(x).round_()
     mean = _mean_gray(gray)
-    tables = {"Equalize": _equalize_lut(hist).to(x.dtype).transpose(1, 2).unsqueeze(2)}
-    tables.update({k: _point(k, ramp, level, sign, lo, hi, mean).round() for k in POINT if k != "Equalize"})
-    table = torch.stack([tables.get(k, ramp) for k in OPS] + [ramp], 1).squeeze(3)  # (n, kinds, 3, 256)
-    table = table.gather(1, kind.view(n, 1, 1, 1).expand(n, 1, 3, 256)).squeeze(1)
-    looked_up = table.transpose(1, 2).gather(1, levels).view(n, h, w, 3).permute(0, 3, 1, 2)
+    ramp = torch.arange(256, dtype=x.dtype, device=x.device).expand(n, 3, 1, 256)
+    tables = {k: _point(k, ramp, level, sign, lo, hi, mean).round() for k in POINT if k != "Equalize"}
+    tables["Equalize"] = _equalize_lut(hist, top).to(x.dtype).view(n, 3, 1, 256)
+    table = torch.stack([tables.get(k, ramp) for k in OPS] + [ramp], 1)  # (n, kinds, 3, 1, 256)
+    table = table.gather(1, kind.view(n, 1, 1, 1, 1).expand(n, 1, 3, 1, 256)).view(n, 3, 256)
+    looked_up = torch.empty_like(x)
+    torch.gather(table, 2, levels, out=looked_up.view(n, 3, h * w))
     # Color and Sharpness: one blend, with the grey image or the smoothed one as base.
-    base = torch.where(drew(["ColorIncreasing"]), gray, _smooth(x))
-    blended = _blend(base, x, _enhance_factor(level, sign))
+    smooth = _smooth(x)
+    blended = _blend(torch.where(drew(["ColorIncreasing"]), gray, smooth, out=smooth), x, _enhance_factor(level, sign))
     # Geometric ops: one warp, each image by its own op's map (the identity where it drew no geometric op).
     identity = _matrix(None, level, sign, h, w)
     mats = torch.stack([_matrix(k, level, sign, h, w) if k in GEOMETRIC else identity for k in OPS + (None,)], 1)
     warped = _affine(x, mats.gather(1, kind.view(n, 1, 1, 1).expand(n, 1, 2, 3)).squeeze(1), bicubic)
-    out = torch.where(drew(BLENDS), blended, looked_up, out=torch.empty_like(x))  # in x's layout, as is the next
+    # Written into blended (x's layout, as the next layer's x then is): on a CPU, a new batch-sized tensor costs
+    # page faults as well as its pass.
+    out = torch.where(drew(BLENDS), blended, looked_up, out=blended)
     return torch.where(drew(GEOMETRIC), warped, out, out=out).round_()
 
 
@@ -214,7 +220,7 @@ def rand_augment(x: torch.Tensor, magnitude: float = 9.0, magnitude_std: float =
     """RandAugment on a batch (B, 3, H, W) of float images holding whole grey levels in [0, 255] (a uint8 batch
     made float); returns the augmented batch. Sync-free: nothing is read back from the device."""
     b = x.shape[0]
-    out = x
+    out = x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous()  # _layer's views need either
     draw = dict(device=x.device, generator=generator)
     for _ in range(num_layers):
         op = torch.randint(len(OPS), (b,), **draw)
