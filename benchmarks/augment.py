@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from imagetree import photo  # noqa: E402
 from syncs import host_syncs  # noqa: E402
 
-SHAPES = [(128, 224), (64, 32)]
+SHAPES = [(128, 224, 1), (64, 32, 4)]  # batch, px, repeats (x --repeats)
 
 
 def previous_randaugment(commit: str) -> types.ModuleType:
@@ -78,10 +78,11 @@ def main():
     print(f"# device augmentation, paper recipe, {args.device}; previous = {args.previous}; {machine()}")
     print(f"| batch x px | previous {unit} | sync-free {unit} | ratio | host syncs | aten ops | same pixels |")
     print("|---|---|---|---|---|---|---|")
-    for batch, res in SHAPES:
+    for batch, res, more in SHAPES:
         x = photos(batch, res).to(args.device)
         y = torch.randint(0, 1000, (batch,), device=args.device)
-        times = interleaved({k: (lambda f=f: f(x, y)) for k, f in impls.items()}, repeats=args.repeats, clock=clock)
+        times = interleaved({k: (lambda f=f: f(x, y)) for k, f in impls.items()}, repeats=args.repeats * more,
+                            clock=clock)
         counts = {}
         for k, f in impls.items():
             with host_syncs() as s:

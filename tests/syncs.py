@@ -25,17 +25,17 @@ What is counted, and why each:
 Not seen: explicit ``torch.cuda.synchronize()`` / event waits, and syncs inside compiled or C++ code that never
 reach the dispatcher as one of these ops.
 
-Both modes are thread-local: only the thread that enters the block is counted (the autograd engine carries them
-into its own threads; loader threads are not counted).
+Both modes are thread-local: only the thread that enters the block is counted, backward included (on a CPU it runs
+in the calling thread); loader threads are not.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -49,7 +49,7 @@ SIZED_BY_VALUES = {aten.nonzero.default, aten.masked_select.default, aten._uniqu
 MASK_INDEXED = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
 ALLOCATIONS = {aten.empty, aten.empty_like, aten.empty_strided, aten.detach, aten.lift_fresh}
 HOST_COPIES = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__, torch.Tensor.cpu}
-_HERE, _TORCH = str(Path(__file__).resolve()), str(Path(torch.__file__).parent)
+_HERE, _TORCH = __file__, os.path.dirname(torch.__file__) + os.sep  # frames to skip when naming the call site
 
 
 @dataclass
@@ -92,7 +92,8 @@ def _waits(func, args, kwargs) -> bool:
 def _blocking_copy(func, args, kwargs) -> bool:
     if func in (torch.Tensor.to, torch.Tensor.cuda):
         targets = list(args[1:]) + [kwargs.get("device")]
-        to_device = func is torch.Tensor.cuda or any(isinstance(a, (str, torch.device, torch.Tensor)) for a in targets)
+        to_device = func is torch.Tensor.cuda or any(isinstance(a, (str, torch.device, torch.Tensor)) or
+                                                     (isinstance(a, int) and not isinstance(a, bool)) for a in targets)
         non_blocking = kwargs.get("non_blocking", next((a for a in args[1:] if isinstance(a, bool)), False))
         return to_device and not non_blocking
     if func in (torch.tensor, torch.as_tensor):
@@ -100,11 +101,13 @@ def _blocking_copy(func, args, kwargs) -> bool:
     return func is torch.Tensor.new_tensor
 
 
-class _Dispatch(TorchDispatchMode):
-    def __init__(self, syncs):
+class _Recording:
+    def __init__(self, syncs: Syncs):
         super().__init__()
         self.syncs = syncs
 
+
+class _Dispatch(_Recording, TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _waits(func, args, kwargs):
@@ -114,11 +117,7 @@ class _Dispatch(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-class _Function(TorchFunctionMode):
-    def __init__(self, syncs):
-        super().__init__()
-        self.syncs = syncs
-
+class _Function(_Recording, TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in HOST_COPIES or _blocking_copy(func, args, kwargs):
