@@ -38,8 +38,11 @@ SHAPES = [(128, 224, 1), (64, 32, 4)]  # batch, px, repeats (x --repeats)
 
 def previous_randaugment(commit: str) -> types.ModuleType:
     path = "src/mambavision_train/data/randaugment.py"
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"], capture_output=True, text=True,
-                            check=True).stdout
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"], capture_output=True, text=True)
+    if shown.returncode:
+        raise SystemExit(f"needs the git history with commit {commit} (the previous {path}); pass --previous: "
+                         f"{shown.stderr.strip()}")
+    source = shown.stdout
     module = types.ModuleType("previous_randaugment")
     exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
     return module
