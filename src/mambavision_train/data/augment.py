@@ -8,6 +8,14 @@ Mixup/CutMix are timm's own classes; RandAugment is ``randaugment.py`` (timm's o
 
 One difference from FastCollateMixup: it mixes uint8 images and rounds the result to integers; we mix floats
 (at most half a grey level apart, before normalisation).
+
+No step reads a value back from the device or sizes a tensor by its values, so the host never waits for the GPU
+here (tests/test_augment_syncs.py counts none for the paper recipe): RandAugment is written so (randaugment.py),
+colour jitter and normalisation are elementwise; timm's Mixup in batch mode draws its lambda and box with numpy on
+the host and slices; timm's RandomErasing draws boxes with Python's random and erases image by image in a Python
+loop, about two small kernels per erased image. (Mixup's 'elem' and 'pair' modes copy their per-sample lambdas to
+the device with a blocking copy: one wait per batch. The batch itself comes over with non_blocking=True, which
+overlaps with the device's work only from pinned memory.)
 """
 
 from __future__ import annotations
