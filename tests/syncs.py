@@ -56,6 +56,7 @@ _HERE, _TORCH = __file__, os.path.dirname(torch.__file__) + os.sep  # frames to 
 class Syncs:
     events: list = field(default_factory=list)  # (op name, "file:line" of the caller outside torch)
     launches: int = 0
+    origins: list = field(default_factory=list)  # per event, the torch files on the stack between it and the caller
 
     @property
     def count(self) -> int:
@@ -66,10 +67,19 @@ class Syncs:
         return Counter(op for op, _ in self.events)
 
     def add(self, op: str):
-        frame = sys._getframe(1)
+        frame, inside = sys._getframe(1), set()
         while frame is not None and (frame.f_code.co_filename.startswith(_TORCH) or frame.f_code.co_filename == _HERE):
+            if frame.f_code.co_filename != _HERE:
+                inside.add(frame.f_code.co_filename[len(_TORCH) - len("torch/"):])
             frame = frame.f_back
+        self.origins.append(inside)
         self.events.append((op, f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame else "?"))
+
+    def besides(self, *torch_files: str) -> "Syncs":
+        """The events but those asked for inside these files of torch (e.g. "torch/optim/adamw.py"): for what a CPU
+        run cannot tell from a wait, such as reading a tensor that lives on the host on a GPU run too."""
+        kept = [(e, o) for e, o in zip(self.events, self.origins) if not o & set(torch_files)]
+        return Syncs([e for e, _ in kept], self.launches, [o for _, o in kept])
 
     def __str__(self):
         return f"{self.count} host syncs: " + "; ".join(f"{op} at {site}" for op, site in self.events)

@@ -282,3 +282,28 @@ def test_deterministic_mode_runs_and_changes_nothing_on_the_cpu(env, tmp_path, s
     a, b = final_state(base), final_state(tmp_path)
     for part in ("model", "ema", "optimizer"):
         assert_same(a[part], b[part], part)
+
+
+def test_a_training_step_waits_for_the_device_once(env, tmp_path, monkeypatch):
+    """What would make the host wait for a GPU, counted over optimizer steps of the paper's recipe (augmentation on
+    the device, MESA, gradient accumulation): one read-back per step, which carries the finiteness verdict, the stop
+    request, the loss and the gradient norm (tests/syncs.py says what counts)."""
+    from mambavision_train.engine.trainer import Trainer
+    from syncs import host_syncs
+    monkeypatch.setenv("MAMBAVISION_CACHE", env["MAMBAVISION_CACHE"])
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo", "data.kind=folder", "aug=paper", "batch_size=32",
+                                          "micro_batch_size=16", "mesa.weight=1.0", "mesa.start_ratio=0.0",
+                                          "logger.mode=disabled", "progress=false", f"run_dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    trainer.train_loader.set_epoch(0)
+    batches = iter(trainer.train_loader)
+    trainer.train_step(batches)
+    with host_syncs() as syncs:
+        for _ in range(3):
+            trainer.train_step(batches)
+    # Not waits on a GPU either: AdamW reads its step counters, which live on the host (torch keeps them there
+    # unless capturable), and the norm clipping "moves" each norm to the device it is on.
+    ours = syncs.besides("torch/optim/adamw.py", "torch/optim/adam.py", "torch/optim/optimizer.py",
+                         "torch/nn/utils/clip_grad.py")
+    assert ours.count == 3 and set(ours.ops) == {"Tensor.tolist"}, ours
