@@ -194,6 +194,18 @@ def test_wandb_offline_run_continues_after_resume(env, tmp_path):
     assert {"train/loss", "train/lr", "train/grad_norm", "train/img_per_s", "train/data_wait_frac"} <= runs[1][2]
 
 
+def test_wandb_online_without_a_route_out_logs_offline_and_says_so(env, tmp_path):
+    """A compute node without outbound internet: logger.mode=online finds the server unreachable in seconds (not
+    wandb.init's 120 s timeout, at every requeue), says so in one line with the sync command, and logs offline."""
+    closed = {**env, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "a" * 40}
+    res = run("train.py", *SMALL, f"run_dir={tmp_path}", "logger.mode=online", "max_steps=2", env=closed)
+    [line] = [ln for ln in res.stdout.splitlines() if "W&B online" in ln]
+    assert line.startswith("warning: W&B online logging is not possible here (127.0.0.1:9 unreachable")
+    assert f"wandb sync {tmp_path / 'wandb'}/offline-run-*" in line
+    [(_, steps, _)] = wandb_history(tmp_path)
+    assert steps == [1, 2]
+
+
 def test_eval_py_on_an_official_format_checkpoint(env, tmp_path):
     import timm
     import mambavision_train  # noqa: F401

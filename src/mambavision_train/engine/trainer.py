@@ -130,7 +130,7 @@ class Trainer:
         self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg.logger, self.dist.is_main,
                                     OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-                                    run_id=self.state.wandb_id, name=cfg.run_name)
+                                    run_id=self.state.wandb_id, name=cfg.run_name, log=self.log)
         self.state.wandb_id = self.logger.run_id
         total = self.total_epochs * self.steps_per_epoch
         self.meter = Throughput(cfg.batch_size, min(total, cfg.max_steps or total), self.state.global_step)
