@@ -82,12 +82,14 @@ def test_every_task_gets_the_cpus_of_its_allocation(cluster, job_env, tmp_path):
     assert [(rank, len(json.loads(cpus)), omp) for rank, cpus, omp in tasks("gpu")] == [("0", 2, "1")]
 
 
-def test_paper_table_array_job_trains_and_evaluates_two_demo_runs(cluster, job_env, tmp_path):
+def test_paper_table_array_job_trains_and_evaluates_two_seeds_of_the_demo(cluster, job_env, tmp_path):
+    """paper_table.sbatch with SEEDS: one array element per (experiment, seed), each checked first (dry runs), trained,
+    evaluated into one table; the report has the seeds' mean and spread."""
     table = tmp_path / "table"
     jid = cluster.sbatch("--array=0-1", *ONE_TASK, f"--output={tmp_path}/%A_%a.out", ROOT / "slurm/paper_table.sbatch",
                          "epochs=1", "data.kind=folder", *QUIET,
                          env={**faults(job_env, HOLD_AT_STEPS=5, ONLY_WHERE="SLURM_ARRAY_TASK_ID=0"),
-                              "EXPERIMENTS": "demo demo", "TABLE_DIR": str(table),
+                              "EXPERIMENTS": "demo", "SEEDS": "31 32", "TABLE_DIR": str(table),
                               "EVAL_ARGS": "data=digits data.kind=folder model.img_size=32 progress=false"})
     # Element 0 hears its time limit coming mid-run: it checkpoints and requeues itself (its own job id).
     log0 = wait_for_glob(tmp_path, "*_0.out")
@@ -104,11 +106,47 @@ def test_paper_table_array_job_trains_and_evaluates_two_demo_runs(cluster, job_e
     rows = [r for r in (table / "table.md").read_text().splitlines() if r.startswith("| mambavision_demo |")]
     assert len(rows) == 2
     for i in range(2):
-        summary = final_state(table / f"{i}-demo")
+        summary = final_state(table / f"{i}-demo-seed{31 + i}")
         assert summary["state"]["epoch"] == 1 and summary["state"]["best_top1"] > 10.0
-        assert f"{i}-demo/checkpoints/ema_best.pth" in "".join(rows)
+        assert f"{i}-demo-seed{31 + i}/checkpoints/ema_best.pth" in "".join(rows)
+        assert f"seed: {31 + i}" in (table / f"{i}-demo-seed{31 + i}" / "config.yaml").read_text()
+    assert text0.count("ok: train.py would train mambavision_demo") == 1  # checked once, not again after the requeue
+    assert "ok: eval.py would evaluate mambavision_demo" in text0
     report = (table / "report" / "report.md").read_text()  # each element rewrote it after its eval
     assert "| mambavision_demo |" in report and (table / "report" / "reproduction.png").is_file()
+    assert re.search(r"^\| mambavision_demo \| demo \| 2 \| \d+\.\d\d ± \d+\.\d\d \|", report, re.M), report
+
+
+def test_the_paper_table_checks_its_evaluation_data_before_training(cluster, job_env, tmp_path):
+    """Submitted without IMAGENET_ROOT (or with a wrong one), an element stops at once with one line, before hours of
+    training; its log goes where the job was submitted from, from any folder."""
+    jid = cluster.sbatch("--array=0", *ONE_TASK, ROOT / "slurm/paper_table.sbatch", "data.kind=folder", *QUIET,
+                         env={**job_env, "EXPERIMENTS": "demo", "TABLE_DIR": str(tmp_path / "table"),
+                              "MV_ROOT": str(ROOT), "EVAL_ARGS": "data.root=/no/imagenet"}, cwd=tmp_path)
+    [job] = cluster.wait(jid, 120)
+    [log] = tmp_path.glob("slurm-mambavision-table-*_0.out")
+    errors = [ln for ln in log.read_text().splitlines() if ln.startswith("error:")]
+    assert job["JobState"] == "FAILED" and errors == [
+        "error: /no/imagenet/val not found: data.root must hold val/<class>/<image> folders; extract ImageNet's "
+        "archives with `python -m mambavision_train.data.imagenet_prep --archives DIR --out /path/to/imagenet` "
+        "(docs/data.md)"], log.read_text()[-2000:]
+    assert not (tmp_path / "table" / "0-demo").exists()  # nothing trained
+
+
+def test_the_smoke_job_trains_and_evaluates_the_demo_with_the_sites_environment(cluster, job_env, tmp_path):
+    """slurm/smoke.sbatch on one node, two tasks (DDP), after the site's environment hook (MV_ENV_SETUP)."""
+    hook = tmp_path / "mv_env.sh"
+    hook.write_text('echo "environment hook: module load would go here"\nexport MV_HOOK_RAN=yes\n')
+    jid = cluster.sbatch("--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", ROOT / "slurm/smoke.sbatch",
+                         "max_steps=3", env={**job_env, "MV_ENV_SETUP": str(hook), "MV_ROOT": str(ROOT),
+                                             "MAMBAVISION_RUNS": str(tmp_path / "runs")}, cwd=tmp_path)
+    [job] = cluster.wait(jid, 300)
+    [log] = tmp_path.glob("slurm-mambavision-smoke-*.out")
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED", text[-3000:]
+    assert text.index("environment hook: module load would go here") < text.index("ok: train.py would train")
+    assert "2 tasks x 1 CPUs" in text and re.search(r"^eval mambavision_demo top1 \S+ ", text, re.M), text[-2000:]
+    assert final_state(tmp_path / "runs" / f"smoke-{jid}")["world_size"] == 2
 
 
 def test_requeue_and_preemption_resume_to_identical_weights(cluster, job_env, tmp_path):

@@ -181,6 +181,7 @@ class TrainConfig:
     log_every: int = 50
     progress: bool = True  # tqdm bar with img/s and ETA (rank 0)
     max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke tests)
+    dry_run: bool = False  # check the request, its data and its run_dir, say what would run, and exit
 
 
 @dataclass
@@ -197,6 +198,7 @@ class EvalConfig:
     device: str = "auto"
     channels_last: bool = True
     table: Optional[str] = None  # append a row to this markdown file (the reproduction table)
+    dry_run: bool = False  # check the request and its validation data, say what would run, and exit
     topk: int = 5  # also report top-k accuracy for this k (top-1 and top-5 are always reported)
     out_dir: Optional[str] = None  # per_class.csv, confusion.csv/png; null: beside `table` (<table>_<model>_<weights>/)
     # when there is one, else not written (balanced accuracy is printed either way)

@@ -9,13 +9,12 @@ import torch
 from timm.models import get_pretrained_cfg
 from tqdm import tqdm
 
-from ..data import DataConfig, Shard, build_loader, from_config
-from ..data import check as check_data
+from ..data import Shard, build_loader
 from ..distributed import env_world_size, init_distributed
 from ..models import is_in21k, load_pretrained, paper_row
 from ..models.pretrained import read_weights
 from ..preemption import requeue_on_timeout_signal
-from ..config import validate_eval
+from ..preflight import check_eval
 from ..precision import amp_dtype, autocast
 from . import class_metrics
 from .evaluate import create_model, evaluate, variant_data_args
@@ -24,10 +23,9 @@ TABLE_HEAD = "| model | weights | top-1 | top-5 | paper top-1 | difference | ima
 
 
 def run_eval(cfg) -> dict:
-    validate_eval(cfg, env_world_size())
+    data = check_eval(cfg, env_world_size())
     info = init_distributed(cfg.device)
     requeue_on_timeout_signal(info.is_main)
-    data = from_config(DataConfig, cfg.data)
     source = str(cfg.checkpoint or get_pretrained_cfg(cfg.model.name).hf_hub_id)
     if cfg.table:  # a requeued multi-model evaluation goes on where it stopped
         done = table_row(Path(cfg.table), cfg.model.name, source)
@@ -36,7 +34,6 @@ def run_eval(cfg) -> dict:
                 print(f"eval {cfg.model.name}: already in {cfg.table} (top1 {done['top1']:.2f}), skipped", flush=True)
             return done
     model = create_model(cfg.model, data.num_classes)
-    check_data(data, data.val_split)  # before reading the weights: a wrong path is one line, at once
     weights = read_weights(source, model, str(cfg.weights))
     load_pretrained(model, weights.state_dict)
     # Folders are labelled by name through the class map the weights were trained with, when they carry one.

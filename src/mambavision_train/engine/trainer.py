@@ -23,10 +23,9 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from .. import recipe, rundir
-from ..config import validate_train
-from ..data import AugConfig, DataConfig, Shard, build_loader, class_map, from_config, num_images
+from ..preflight import check_train
+from ..data import Shard, build_loader
 from ..data import classes as class_files
-from ..data import check as check_data
 from ..distributed import (DistInfo, all_reduce_max, env_world_size, gather_objects, init_distributed,
                            reduce_bn_stats)
 from ..metrics import MetricsLogger, Throughput, duration
@@ -40,7 +39,7 @@ from ..ops.selective_scan import resolve_impl
 from ..precision import AMP_NAMES, amp_dtype, autocast, set_determinism
 from .evaluate import create_model, evaluate, variant_data_args
 from .mesa import mesa_active, mesa_loss
-from .resume import checkpoints_to_try, load_first_good, refuse_a_used_run_dir
+from .resume import checkpoints_to_try, load_first_good
 
 
 class TrainingError(RuntimeError):
@@ -64,17 +63,11 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         # Everything that can be wrong with the request fails here, before any expensive work.
-        self.accum = validate_train(cfg, env_world_size())
-        self.data_cfg, self.aug_cfg = from_config(DataConfig, cfg.data), from_config(AugConfig, cfg.aug)
-        for split in (self.data_cfg.train_split, self.data_cfg.val_split):
-            check_data(self.data_cfg, split)
-        self.classes = class_map(self.data_cfg)  # label i is classes[i]; image folders: both splits agree
-        per_rank = num_images(self.data_cfg, self.data_cfg.train_split) // env_world_size()
-        if per_rank < cfg.batch_size // env_world_size():  # before any weights are read or models built
-            raise TrainingError(too_small(cfg.batch_size, per_rank))
+        request = check_train(cfg, env_world_size())
+        self.accum, self.data_cfg, self.aug_cfg, self.classes = (request.accumulation, request.data, request.aug,
+                                                                 request.classes)
         self.dist: DistInfo = init_distributed(cfg.device)
         self.run_dir = Path(cfg.run_dir)
-        refuse_a_used_run_dir(self.run_dir, str(cfg.resume))
         # Rank 0's lines from here on go to train.log too, the line that ends the run included.
         self.log = RunLog(self.run_dir / "train.log" if self.dist.is_main else None)
         with self.log.failures():
@@ -114,8 +107,9 @@ class Trainer:
         self.train_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.steps_per_epoch = len(self.train_loader) // self.accum
-        if self.steps_per_epoch == 0:
-            raise TrainingError(too_small(cfg.batch_size, len(self.train_loader) * cfg.micro_batch_size))
+        if self.steps_per_epoch == 0:  # preflight counted the images; a loader may still keep fewer (unreadable)
+            raise TrainingError(f"one optimizer step needs {cfg.batch_size} images per epoch but this rank has "
+                                f"{len(self.train_loader) * cfg.micro_batch_size}; lower batch_size")
         self.total_epochs = cfg.epochs + cfg.sched.cooldown_epochs
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, cfg.epochs, self.steps_per_epoch)
         self.warn_if_the_ema_cannot_follow(self.total_epochs * self.steps_per_epoch)
@@ -424,11 +418,6 @@ class Trainer:
         if self.dist.is_main and self.summarized_at != self.state.global_step:
             rundir.update(self.run_dir, self.log)
             self.summarized_at = self.state.global_step
-
-
-def too_small(batch_size: int, per_rank: int) -> str:
-    return (f"one optimizer step needs {batch_size} images per epoch but this rank has {per_rank}; lower batch_size "
-            f"(a small dataset: experiment=finetune_own, docs/finetune.md)")
 
 
 def summary_table(s: dict) -> str:
