@@ -189,27 +189,36 @@ def test_l2_at_512_px_from_its_224_weights_equals_the_official_l2_512(official):
     assert want.std() > 0.1 and (got - want).abs().max() <= 1e-4
 
 
+def official_stage_maps(model, x):
+    """(logits, stage maps, each level's output shape) of an official classifier in eval mode: the stage maps are
+    what its downsamplers receive (forward-pre hooks) and the last stage's output. A level's own output is the
+    downsampled map, with twice the channels at half the size: the trap of the official tracker's #104."""
+    maps, shapes, hooks = {}, {}, []
+    for i, level in enumerate(model.levels):
+        if level.downsample is not None:
+            hooks.append(level.downsample.register_forward_pre_hook(lambda m, a, i=i: maps.__setitem__(i, a[0])))
+        else:
+            hooks.append(level.register_forward_hook(lambda m, a, out, i=i: maps.__setitem__(i, out)))
+        hooks.append(level.register_forward_hook(lambda m, a, out, i=i: shapes.__setitem__(i, tuple(out.shape[1:]))))
+    with torch.no_grad():
+        logits = model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return logits, [maps[i] for i in range(len(model.levels))], [shapes[i] for i in range(len(model.levels))]
+
+
 @pytest.mark.reference
 def test_logits_and_stage_maps_equal_official_at_odd_non_square_resolution(official):
-    """Logits, and the stage maps of forward_intermediates against what forward-pre hooks on the official
-    downsamplers see (the last stage: its output). A hook on a level itself sees the downsampled map, with twice
-    the channels at half the size: the trap of the official tracker's #104."""
+    """Logits, and the stage maps of forward_intermediates against the official model's (official_stage_maps)."""
     ref, mine = twin_models(official, "t")
-    seen, after = {}, {}
-    for i, level in enumerate(ref.levels):
-        if level.downsample is not None:
-            level.downsample.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0]))
-        else:
-            level.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, out))
-        level.register_forward_hook(lambda m, args, out, i=i: after.__setitem__(i, tuple(out.shape[1:])))
     x = torch.randn(2, 3, 200, 264, generator=torch.Generator().manual_seed(2))
+    want, seen, level_outputs = official_stage_maps(ref, x)
     with torch.no_grad():
-        want = ref.eval()(x)
         final, maps = mine.eval().forward_intermediates(x)
         got = mine.forward_head(final)  # = mine(x): final equals forward_features (test_forward_intermediates_contract)
     assert want.std() > 0.1 and (got - want).abs().max() <= 1e-4
     assert [tuple(m.shape[1:]) for m in maps] == [(80, 50, 66), (160, 25, 33), (320, 13, 17), (640, 7, 9)]
-    assert [after[i] for i in range(4)] == [(160, 25, 33), (320, 13, 17), (640, 7, 9), (640, 7, 9)]
+    assert level_outputs == [(160, 25, 33), (320, 13, 17), (640, 7, 9), (640, 7, 9)]
     for i, m in enumerate(maps):
         assert seen[i].std() > 0.1 and (m - seen[i]).abs().max() <= 1e-4 * seen[i].abs().max(), i
 

@@ -43,7 +43,7 @@ def fpn_backbone(name: str, weights=None, out_channels: int = 256, out_indices: 
     stage 1, 0 freezes the whole body. norm_eval: the body's BatchNorms in eval mode in training. Other keyword
     arguments go to dense_backbone (drop_path_rate, norm_layer, scan_impl, ...)."""
     if not 0 <= trainable_stages <= 5:
-        raise ValueError(f"trainable_stages={trainable_stages}: 0 (body frozen) ... 5 (all trained: the stem and 4 stages)")
+        raise ValueError(f"trainable_stages={trainable_stages}: 0 (the body frozen) ... 5 (stem and 4 stages trained)")
     body = dense_backbone(name, windows=windows, weights=weights, out_indices=out_indices,
                           frozen_stages=4 - trainable_stages, norm_eval=norm_eval, **kwargs)
     return MambaVisionFPN(body, out_channels)
