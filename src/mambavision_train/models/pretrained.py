@@ -190,8 +190,9 @@ def read_weights(source, model: nn.Module, weights: str = "auto") -> Weights:
     """The weights of any source ``load_pretrained`` takes, or of one of our run directories (its ``ema_best.pth``,
     else ``ema_last.pth``), with the class map they carry. weights: auto (EMA for our training checkpoints,
     ``state_dict`` for official files) | ema | plain."""
-    run = Path(str(source)).expanduser() / "checkpoints"
-    if not isinstance(source, Mapping) and run.is_dir():
+    # (not str() of an in-memory checkpoint: that would format every tensor in it)
+    run = None if isinstance(source, Mapping) else Path(str(source)).expanduser() / "checkpoints"
+    if run is not None and run.is_dir():
         exported = [run / n for n in ("ema_best.pth", "ema_last.pth") if (run / n).is_file()]
         if not exported:
             raise CheckpointError(f"{run} has no exported EMA weights (ema_best.pth / ema_last.pth) yet")
