@@ -60,8 +60,11 @@ def test_fsdp_trains_saves_resumes_exactly_and_exports(env, tmp_path, few_digits
     a, b = final_state(whole), final_state(broken)
     assert a["state"]["global_step"] == b["state"]["global_step"] == 6
     assert_same_run(a, b)
-    # The exported EMA weights: a plain state dict that loads (strictly) into the unwrapped model.
-    exported = torch.load(whole / "checkpoints" / "ema_last.pth", weights_only=True)
+    # The exported EMA weights: a state dict (official key names) that loads strictly into the unwrapped model,
+    # with the run's class map and variant beside it.
+    export = torch.load(whole / "checkpoints" / "ema_last.pth", weights_only=True)
+    assert export["classes"] == [str(c) for c in range(10)] and export["model"] == "mambavision_demo"
+    exported = export["state_dict"]
     plain = timm.create_model("mambavision_demo", num_classes=10)
     plain.load_state_dict(exported)
     # Rank 0 exports: its own BatchNorm statistics (ranks differ between validations without SyncBN).

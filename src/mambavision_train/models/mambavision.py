@@ -9,6 +9,7 @@ Unlike the official code, the selective scan runs without compiled kernels (``ma
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -438,7 +439,13 @@ def _create_mambavision(variant: str, pretrained: bool = False, **kwargs):
         model = MambaVision(**model_kwargs)
         if pretrained:
             from .pretrained import load_pretrained
-            load_pretrained(model, cfg.file or cfg.hf_hub_id, filename=None if cfg.file else cfg.hf_hub_filename)
+            source = cfg.file or cfg.hf_hub_id
+            other = model.num_classes != cfg.num_classes  # timm's idiom: pretrained=True, num_classes=N
+            load_pretrained(model, source, filename=None if cfg.file else cfg.hf_hub_filename, new_classifier=other)
+            if other:
+                logging.getLogger(__name__).warning(
+                    f"{variant}: loaded {source} except its classifier ({cfg.num_classes} classes), which is new "
+                    f"for {model.num_classes} classes")
         return model
     # The stages end in their downsample, so timm's default feature wrapper (hooks on children) would tap the
     # downsampled maps: the getter wrapper calls forward_intermediates instead.

@@ -158,14 +158,19 @@ def _weights_file(repo_id: str, revision: str | None) -> str:
 
 
 def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, *, ema: bool | None = False,
-                    strict: bool = True, filename: str | None = None) -> nn.Module:
+                    strict: bool = True, filename: str | None = None, new_classifier: bool = False) -> nn.Module:
     """Load weights into ``model`` from a file path, a Hugging Face repo id, or an in-memory checkpoint dict.
 
     ema: False (default, as the official loader) takes ``state_dict``; True takes ``state_dict_ema``;
     None prefers plain weights and falls back to EMA ones. strict: every key and shape must match.
+    new_classifier: the model's classifier (``head.*``) keeps its fresh initialisation; the rest is as strict.
     """
     ckpt = source if isinstance(source, Mapping) else read_checkpoint(resolve_source(source, filename))
     sd = extract_state_dict(ckpt, model, ema=ema)
+    if new_classifier:
+        own = model.state_dict()
+        sd = {**{k: v for k, v in sd.items() if not k.startswith("head.")},
+              **{k: v for k, v in own.items() if k.startswith("head.")}}
     problem = _describe_mismatch(model, sd)
     if problem and strict:
         raise CheckpointError(f"checkpoint does not match {type(model).__name__}: {problem}")
