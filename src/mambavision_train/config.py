@@ -129,7 +129,7 @@ class LoggerConfig:
 class EmaConfig:
     enabled: bool = True
     decay: float = 0.9998
-    warmup: bool = False  # timm ModelEmaV3's warm-up: decay min(decay, 1 - (1 + step)^-2/3), for short runs
+    warmup: bool = False  # timm ModelEmaV3's warm-up: decay min(decay, 1 - step^-2/3), for short runs
 
 
 @dataclass

@@ -146,7 +146,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           args.device.replace("auto", "cpu"))
-    print(f"predict: {len(files)} image{"s" * (len(files) != 1)} with {loaded.name} from {loaded.source}", flush=True)
+    print(f"predict: {len(files)} image{'s' * (len(files) != 1)} with {loaded.name} from {loaded.source}", flush=True)
     t0 = time.perf_counter()
     rows = list(predict(loaded, files, args.topk, args.batch_size, args.workers, device,
                         progress=not args.no_progress and sys.stderr.isatty()))
@@ -157,7 +157,7 @@ def main(argv=None):
         for path, top in rows:
             print(f"{path}: " + ", ".join(f"{c} {100 * q:.1f}%" for c, q in top))
     skipped = len(files) - len(rows)
-    print(f"predicted {len(rows)} image{"s" * (len(rows) != 1)} ({skipped} unreadable, skipped) in {seconds:.1f} s "
+    print(f"predicted {len(rows)} image{'s' * (len(rows) != 1)} ({skipped} unreadable, skipped) in {seconds:.1f} s "
           f"({len(rows) / max(seconds, 1e-9):.1f} img/s){f' -> {args.out}' if args.out else ''}", flush=True)
 
 

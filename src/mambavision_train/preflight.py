@@ -38,10 +38,16 @@ class TrainRequest:
     images: int  # in the train split
 
 
-def writable(key: str, path) -> None:
-    """``path`` can be created and written: its first existing ancestor is a writable folder."""
+def writable(key: str, path, file: bool = False) -> None:
+    """``path`` (a folder, or with ``file`` a file) can be created and written: its first existing ancestor is a
+    writable folder (an existing file: writable itself)."""
     from .config import ConfigError
     p = Path(path).expanduser().absolute()
+    if file and p.is_file():
+        if not os.access(p, os.W_OK):
+            raise ConfigError(f"{key}={path}: this user cannot write to it")
+        return
+    p = p.parent if file else p
     while not p.exists():
         p = p.parent
     if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
@@ -81,7 +87,7 @@ def check_eval(cfg, world_size: int):
     check(data, data.val_split)
     for key in ("table", "out_dir"):
         if cfg.get(key):
-            writable(key, cfg[key])
+            writable(key, cfg[key], file=key == "table")
     return data
 
 

@@ -5,8 +5,8 @@ The arithmetic is timm's ``ModelEmaV2`` (what the official train.py uses): every
 and, as in ModelEmaV2, integer buffers such as ``num_batches_tracked``, whose float result is truncated back into
 the integer tensor.
 
-With ``warmup`` the decay of update t is ``min(decay, 1 - (1 + t) ** -2/3)`` (timm's ModelEmaV3 warm-up, its
-defaults): the average forgets its start quickly in the first updates, so a short fine-tuning run's EMA is not stuck
+With ``warmup`` the decay of update t (from 1) is ``min(decay, 1 - t ** -2/3)``, 0 for the first (timm's ModelEmaV3
+warm-up with its defaults, as timm's train.py steps it): the average forgets its start quickly in the first updates, so a short fine-tuning run's EMA is not stuck
 at the initial weights (with decay 0.9998 it would average ~5000 updates). The paper's recipe has no warm-up.
 
 Unlike timm's classes it never deep-copies a wrapped model: the EMA copy is made from the plain module before any
@@ -31,10 +31,11 @@ class EMA:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
     def decay_at(self, step: int) -> float:
-        """The decay of the ``step``-th update (1-based)."""
+        """The decay of the ``step``-th update (1-based): with the warm-up, ModelEmaV3.get_decay(step) as timm's
+        train.py calls it (the first update copies the weights)."""
         if not self.warmup:
             return self.decay
-        return min(self.decay, 1.0 - (1.0 + step) ** -self.WARMUP_POWER)
+        return 0.0 if step <= 1 else min(self.decay, 1.0 - step ** -self.WARMUP_POWER)
 
     def _entries(self, module):
         return {**dict(module.named_parameters()), **dict(module.named_buffers())}

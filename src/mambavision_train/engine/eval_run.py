@@ -78,14 +78,14 @@ def class_names(classes: list | None, num_classes: int) -> list[str]:
 
 
 def outputs_dir(cfg, source: str) -> Path | None:
-    """Where the per-class files go: ``out_dir``, else beside the table, named after the model and the weights (the
-    run directory's name for our checkpoints, the file or repo name otherwise)."""
+    """Where the per-class files go: ``out_dir``, else beside the table, named after the model and the weights (a run
+    directory's name, with the file's for one of its checkpoints; the file or repo name otherwise)."""
     if cfg.out_dir:
         return Path(cfg.out_dir)
     if not cfg.table:
         return None
     src = Path(source)
-    weights = src.parent.parent.name if src.parent.name == "checkpoints" else src.name.split(".")[0] or src.parent.name
+    weights = (f"{src.parent.parent.name}_" if src.parent.name == "checkpoints" else "") + src.name.split(".")[0]
     table = Path(cfg.table)
     return table.with_name(f"{table.stem}_{cfg.model.name}_{weights}")
 
