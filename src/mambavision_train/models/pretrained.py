@@ -183,8 +183,8 @@ def read_weights(source, model: nn.Module, weights: str = "auto") -> tuple[dict,
     """(state dict, 'EMA' or 'plain') from any source ``load_pretrained`` takes, or one of our run directories (its
     ``ema_best.pth``, else ``ema_last.pth``). weights: auto (EMA for our training checkpoints, ``state_dict`` for
     official files) | ema | plain."""
-    run = Path(str(source)).expanduser() / "checkpoints"
-    if not isinstance(source, Mapping) and run.is_dir():
+    run = None if isinstance(source, Mapping) else Path(str(source)).expanduser() / "checkpoints"
+    if run is not None and run.is_dir():
         exported = [run / n for n in ("ema_best.pth", "ema_last.pth") if (run / n).is_file()]
         if not exported:
             raise CheckpointError(f"{run} has no exported EMA weights (ema_best.pth / ema_last.pth) yet")
