@@ -18,19 +18,13 @@ from runs import ROOT, final_state, run
 # The optional packages hidden: the ffcv extra's, and the export extra's (with onnxscript's onnx_ir).
 HIDDEN = ("ffcv", "numba", "onnx", "onnxscript", "onnx_ir", "onnxruntime")
 
-# Loaded by Python at start-up when its folder is on PYTHONPATH: the HIDDEN packages then import as if not installed.
+# Loaded by Python at start-up when its folder is on PYTHONPATH: the HIDDEN packages then behave as if not installed,
+# `import` raising ModuleNotFoundError and importlib.util.find_spec answering None (torch._dynamo asks it for onnx).
 NOT_INSTALLED = '''
 import sys
 
-
-class NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in HIDDEN:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, NotInstalled())
+for name in HIDDEN:
+    sys.modules[name] = None
 '''.replace("HIDDEN", repr(HIDDEN))
 
 ONE_LINE = "needs the ffcv extra: pip install 'mambavision-train[ffcv]' (docs/data.md)"
@@ -98,7 +92,7 @@ for name in HIDDEN:
     raise SystemExit(f"{name} imports here: the test would prove nothing")
 import mambavision_train, mambavision_train.cli, mambavision_train.data.convert
 import mambavision_train.engine.trainer, mambavision_train.engine.eval_run, mambavision_train.export.__main__
-print(sorted(m for m in sys.modules if m.partition(".")[0] in HIDDEN))
+print(sorted(m for m, module in sys.modules.items() if module is not None and m.partition(".")[0] in HIDDEN))
 """.replace("HIDDEN", repr(HIDDEN))
 
 
