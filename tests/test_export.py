@@ -16,7 +16,7 @@ import timm
 import torch
 
 import mambavision_train  # noqa: F401  (registers the models and the scan operator)
-from mambavision_train.export import trace_size
+from mambavision_train.export import load_source, trace_size
 from mambavision_train.export.__main__ import main
 from mambavision_train.models import load_pretrained
 from mambavision_train.ops.selective_scan import torch_scan
@@ -39,6 +39,7 @@ def export(*argv):
 def onnxruntime_logits(path, x):
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
@@ -124,6 +125,16 @@ def test_pt2_round_trip_keeps_the_scan_operator(five_steps, tmp_path):
         x = torch.randn(batch, 3, 64, 64)
         with torch.no_grad():
             assert (program.module()(x) - model(x)).abs().max() <= 1e-6
+
+
+def test_a_checkpoint_of_a_run_is_the_model_the_run_trained(five_steps):
+    """Its own config (last.pth.tar) or its run's (ema_last.pth): the 32 px windows, the EMA weights."""
+    ema = torch.load(five_steps / "checkpoints" / "ema_last.pth", weights_only=True)
+    for name, described in (("last.pth.tar", "EMA weights"), ("ema_last.pth", "weights")):
+        src = load_source(str(five_steps / "checkpoints" / name))
+        assert src.name == "mambavision_demo" and src.weights == f"{described} of {five_steps / 'checkpoints' / name}"
+        assert [lvl.window_size for lvl in src.model.levels] == [8, 8, 2, 1] and src.preprocessing["res"] == 32
+        assert not src.model.training and all(torch.equal(src.model.state_dict()[k], v) for k, v in ema.items())
 
 
 def test_functional_scan_equals_the_training_scan():

@@ -76,6 +76,7 @@ def check_onnx(path: Path, tgt: Target, shapes: list[tuple], tolerance: float) -
     opset = next(o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the threads this process was given, not every core
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy threads while PyTorch runs
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     comparison = compare(lambda x: session.run(None, {INPUT: x.numpy()}), tgt, shapes, tolerance,
                          f"{path} (onnxruntime)")

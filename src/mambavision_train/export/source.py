@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from ..engine.evaluate import create_model, variant_data_args
 from ..models.mambavision import ARCHS
 from ..models.pretrained import (CheckpointError, is_training_checkpoint, load_pretrained, read_checkpoint,
-                                 read_weights, resolve_source)
+                                 read_weights)
 
 
 class ExportError(RuntimeError):
@@ -41,15 +41,6 @@ def _described(kind: str, weights) -> str:
     return f"{'EMA weights' if kind == 'EMA' else 'weights'} of {weights}"
 
 
-def _from_config(cfg, weights) -> tuple[nn.Module, dict, str]:
-    """The model a training config describes (its variant, resolution and classes), loaded with ``weights``."""
-    model_cfg = OmegaConf.merge(cfg.model, {"scan_impl": "torch"})
-    model = create_model(model_cfg, cfg.data.num_classes)
-    sd, kind = read_weights(weights, model)
-    load_pretrained(model, sd)
-    return model, variant_data_args(model, model_cfg), kind
-
-
 def _from_name(name: str, weights: str | None) -> tuple[nn.Module, str]:
     """The variant ``name``, with the class count of ``weights`` (a fine-tuned classifier keeps its classes)."""
     import timm
@@ -64,12 +55,34 @@ def _from_name(name: str, weights: str | None) -> tuple[nn.Module, str]:
     return model, _described(kind, weights)
 
 
-def _run_config(path: Path):
-    """The config a run directory (or a file in its checkpoints/) was trained with, or None."""
-    run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else None
-    if run is not None and (run / "config.yaml").is_file():
-        return OmegaConf.load(run / "config.yaml")
-    return None
+def _run_config(run: Path):
+    """The config a run directory was trained with (its latest start's), or None."""
+    return OmegaConf.load(run / "config.yaml") if (run / "config.yaml").is_file() else None
+
+
+def _from_path(path: Path) -> Source:
+    """A run directory or a checkpoint: the model as the run trained it (the checkpoint's own config, else that of
+    the run whose checkpoints/ holds the file), with the weights ``init_from`` would take from it."""
+    if path.is_dir():
+        if not (path / "checkpoints").is_dir():
+            raise ExportError(f"{path} is a directory but not a run directory (no checkpoints/ in it)")
+        cfg, weights = _run_config(path), path
+        if cfg is None:
+            raise ExportError(f"{path} has no config.yaml: it is not a run directory of train.py")
+    else:
+        weights = read_checkpoint(path)
+        own = weights.get("config") if is_training_checkpoint(weights) else None
+        cfg = OmegaConf.create(own) if isinstance(own, str) else None
+        if cfg is None and path.parent.name == "checkpoints":
+            cfg = _run_config(path.parent.parent)
+        if cfg is None:
+            raise ExportError(f"{path} holds weights but does not say which model they belong to: name it, "
+                              f"e.g. python -m mambavision_train.export mambavision_t --weights {path}")
+    model_cfg = OmegaConf.merge(cfg.model, {"scan_impl": "torch"})
+    model = create_model(model_cfg, cfg.data.num_classes)
+    sd, kind = read_weights(weights, model)
+    load_pretrained(model, sd)
+    return Source(model.eval(), cfg.model.name, _described(kind, path), variant_data_args(model, model_cfg))
 
 
 def load_source(source: str, weights: str | None = None) -> Source:
@@ -80,21 +93,7 @@ def load_source(source: str, weights: str | None = None) -> Source:
             raise ExportError(f"--weights goes with a model name; {source} already holds weights "
                               f"(export the model they belong to: python -m mambavision_train.export MODEL "
                               f"--weights {weights})")
-        if path.is_dir() and not (path / "checkpoints").is_dir():
-            raise ExportError(f"{source} is a directory but not a run directory (no checkpoints/ in it)")
-        cfg = _run_config(path)
-        ckpt = None
-        if cfg is None and path.is_file():
-            ckpt = read_checkpoint(resolve_source(path))
-            if is_training_checkpoint(ckpt) and isinstance(ckpt.get("config"), str):
-                cfg = OmegaConf.create(ckpt["config"])
-        if cfg is None:
-            if path.is_dir():
-                raise ExportError(f"{source} has no config.yaml: it is not a run directory of train.py")
-            raise ExportError(f"{source} holds weights but does not say which model they belong to: name it, "
-                              f"e.g. python -m mambavision_train.export mambavision_t --weights {source}")
-        model, prep, kind = _from_config(cfg, ckpt if ckpt is not None else path)
-        return Source(model.eval(), cfg.model.name, _described(kind, source), prep)
+        return _from_path(path)
     if not is_model_name(source):
         if "/" in source or Path(source).suffix:
             raise CheckpointError(f"not found: {source} (a run directory or weights file; or a model name: "
