@@ -1,7 +1,8 @@
 """FFCV is an optional extra: where it is not installed the package imports, the demo trains on the image folders,
-and asking for FFCV files (or converting to them) stops at once with one line that names the extra. The demo runs in
-the README's cluster install (a fresh venv, pip only, no root, every dependency but torch installed from the package
-index as pyproject.toml declares it)."""
+and asking for FFCV files (or converting to them) stops at once with one line that names the extra. The export extra
+(onnx, onnxscript, onnxruntime) is hidden alongside: the package, its entry points and training do without it too.
+The demo runs in the README's cluster install (a fresh venv, pip only, no root, every dependency but torch installed
+from the package index as pyproject.toml declares it)."""
 
 import os
 import shutil
@@ -14,36 +15,33 @@ import pytest
 
 from runs import ROOT, final_state, run
 
-# Loaded by Python at start-up when its folder is on PYTHONPATH: ffcv and numba then import as if not installed.
+# The optional packages hidden: the ffcv extra's, and the export extra's (with onnxscript's onnx_ir).
+HIDDEN = ("ffcv", "numba", "onnx", "onnxscript", "onnx_ir", "onnxruntime")
+
+# Loaded by Python at start-up when its folder is on PYTHONPATH: the HIDDEN packages then behave as if not installed,
+# `import` raising ModuleNotFoundError and importlib.util.find_spec answering None (torch._dynamo asks it for onnx).
 NOT_INSTALLED = '''
 import sys
 
-
-class NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("ffcv", "numba"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, NotInstalled())
-'''
+for name in HIDDEN:
+    sys.modules[name] = None
+'''.replace("HIDDEN", repr(HIDDEN))
 
 ONE_LINE = "needs the ffcv extra: pip install 'mambavision-train[ffcv]' (docs/data.md)"
 
 
 @pytest.fixture(scope="module")
-def hide_ffcv(tmp_path_factory) -> Path:
-    """A folder that makes ffcv and numba unimportable in any Python that has it on PYTHONPATH."""
-    hook = tmp_path_factory.mktemp("no_ffcv")
+def hide_extras(tmp_path_factory) -> Path:
+    """A folder that makes the HIDDEN packages unimportable in any Python that has it on PYTHONPATH."""
+    hook = tmp_path_factory.mktemp("no_extras")
     (hook / "sitecustomize.py").write_text(NOT_INSTALLED)
     return hook
 
 
 @pytest.fixture(scope="module")
-def no_ffcv(env, hide_ffcv, tmp_path_factory):
-    """``env`` where ffcv and numba cannot be imported, with its own empty data cache."""
-    path = os.pathsep.join(p for p in (str(hide_ffcv), env.get("PYTHONPATH")) if p)
+def no_extras(env, hide_extras, tmp_path_factory):
+    """``env`` where the HIDDEN packages cannot be imported, with its own empty data cache."""
+    path = os.pathsep.join(p for p in (str(hide_extras), env.get("PYTHONPATH")) if p)
     return {**env, "PYTHONPATH": path, "MAMBAVISION_CACHE": str(tmp_path_factory.mktemp("cache"))}
 
 
@@ -84,11 +82,11 @@ def link_distributions(dists, into: Path):
 
 
 @pytest.fixture(scope="module")
-def pip_only(no_ffcv, hide_ffcv, tmp_path_factory):
+def pip_only(no_extras, hide_extras, tmp_path_factory):
     """(python, env) of the README's install without root: a fresh venv, torch and torchvision as `pip install torch
     torchvision` leaves them (here: this venv's, linked in, not copied), then `pip install -e .`, which installs
     every other dependency from the package index as pyproject.toml declares it: a dependency missing from it, or a
-    floor that admits a release that does not work, fails here. ffcv is hidden; the tests' own PYTHONPATH (a source
+    floor that admits a release that does not work, fails here. The optional extras are hidden; the tests' own PYTHONPATH (a source
     checkout) is left out, so the package can only come from the install."""
     d = tmp_path_factory.mktemp("pip_only")
     venv = d / "venv"
@@ -103,7 +101,7 @@ def pip_only(no_ffcv, hide_ffcv, tmp_path_factory):
     shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    env = {**no_ffcv, "PYTHONPATH": str(hide_ffcv)}
+    env = {**no_extras, "PYTHONPATH": str(hide_extras)}
     res = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", str(src)],
                          env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -120,26 +118,26 @@ for path in (sys.prefix, importlib.metadata.distribution("mambavision-train").lo
 
 IMPORTS = """
 import importlib, sys
-for name in ("ffcv", "numba"):
+for name in HIDDEN:
     try:
         importlib.import_module(name)
     except ModuleNotFoundError:
         continue
     raise SystemExit(f"{name} imports here: the test would prove nothing")
 import mambavision_train, mambavision_train.cli, mambavision_train.data.convert
-import mambavision_train.engine.trainer, mambavision_train.engine.eval_run
-print(sorted(m for m in sys.modules if m.partition(".")[0] in ("ffcv", "numba")))
-"""
+import mambavision_train.engine.trainer, mambavision_train.engine.eval_run, mambavision_train.export.__main__
+print(sorted(m for m, module in sys.modules.items() if module is not None and m.partition(".")[0] in HIDDEN))
+""".replace("HIDDEN", repr(HIDDEN))
 
 
-def test_the_package_and_the_entry_points_import_without_ffcv(no_ffcv):
-    res = subprocess.run([sys.executable, "-c", IMPORTS], cwd=ROOT, env=no_ffcv, capture_output=True, text=True,
+def test_the_package_and_the_entry_points_import_without_the_optional_extras(no_extras):
+    res = subprocess.run([sys.executable, "-c", IMPORTS], cwd=ROOT, env=no_extras, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip() == "[]"
 
 
-def test_the_readme_pip_only_install_trains_the_demo_on_the_digit_folders_without_ffcv(pip_only, tmp_path):
+def test_the_readme_pip_only_install_trains_the_demo_on_the_digit_folders_without_the_extras(pip_only, tmp_path):
     python, env = pip_only
     res = subprocess.run([python, "-c", WHERE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -162,8 +160,8 @@ def test_the_readme_pip_only_install_trains_the_demo_on_the_digit_folders_withou
 @pytest.mark.parametrize("data, instead", [(["experiment=demo", "data.kind=ffcv"], "data.kind=folder"),
                                            (["data=imagenet_ffcv", "data.root=/data/imagenet_ffcv"],
                                             "data=imagenet_folder")], ids=["digits", "imagenet"])
-def test_ffcv_data_without_ffcv_is_one_line_before_anything_is_built(no_ffcv, tmp_path, data, instead):
-    env = {**no_ffcv, "MAMBAVISION_CACHE": str(tmp_path / "cache")}
+def test_ffcv_data_without_ffcv_is_one_line_before_anything_is_built(no_extras, tmp_path, data, instead):
+    env = {**no_extras, "MAMBAVISION_CACHE": str(tmp_path / "cache")}
     res = run("train.py", *data, "max_steps=3", "progress=false", "logger.mode=disabled", f"run_dir={tmp_path / 'run'}",
               env=env, check=False, timeout=300)
     assert res.returncode == 2, res.stderr[-3000:]
@@ -172,11 +170,11 @@ def test_ffcv_data_without_ffcv_is_one_line_before_anything_is_built(no_ffcv, tm
     assert not (tmp_path / "cache").exists()  # the demo stopped before building the digits
 
 
-def test_the_converter_without_ffcv_is_one_line_before_the_decode_pass(no_ffcv, tmp_path):
+def test_the_converter_without_ffcv_is_one_line_before_the_decode_pass(no_extras, tmp_path):
     for split in ("train", "val"):
         (tmp_path / "src" / split / "a").mkdir(parents=True)
     res = subprocess.run([sys.executable, "-m", "mambavision_train.data.convert", str(tmp_path / "src"),
-                          str(tmp_path / "out")], cwd=ROOT, env=no_ffcv, capture_output=True, text=True, timeout=300)
+                          str(tmp_path / "out")], cwd=ROOT, env=no_extras, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and res.stdout == "", res.stderr[-3000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: the converter writes FFCV files and {ONE_LINE}"), lines

@@ -165,9 +165,9 @@ def test_predict_names_classes_skips_unreadable_images_and_refuses_bad_requests(
     assert sum(r["top"][0]["class"] == "one" for r in out) > n * 0.7
     from mambavision_train.predict import main
     for args, message in [((str(tmp_path / "nope"), str(photos)), "error: "),
-                          (("mambavision_xl", str(photos)), "error: mambavision_xl is neither a model name"),
+                          (("mambavision_xl", str(photos)), "error: unknown model 'mambavision_xl'; choose one of"),
                           ((str(run_dir), str(tmp_path / "missing")), f"error: {tmp_path / 'missing'} does not exist"),
-                          ((str(run_dir), str(photos), "--weights", "w.pth"), "error: --weights goes with a model"),
+                          ((str(run_dir), str(photos), "--weights", "w.pth"), "error: --weights goes with a model name"),
                           ((str(run_dir), str(photos), "--out", "p.txt"), "error: --out p.txt: give a .csv or .json")]:
         with pytest.raises(SystemExit) as stop:  # before any model is built: in this process
             main(list(args))

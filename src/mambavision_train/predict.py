@@ -1,11 +1,11 @@
 """Classify images with a trained MambaVision: top-k classes with their names, to the screen, a CSV or a JSON file.
 
-    python -m mambavision_train.predict SOURCE PATH... [--topk 5] [--out predictions.csv|.json]
-        [--model NAME] [--weights FILE] [--img-size N] [--batch-size 64] [--workers 4] [--device auto]
+    python -m mambavision_train.predict SOURCE PATH... [--topk 5] [--out predictions.csv|.json] [--weights FILE]
+        [--batch-size 64] [--workers 4] [--device auto]
 
-SOURCE is what ``init_from=`` takes: one of our run directories (its EMA weights, class map and resolution), a
-weights file (ours name their variant; an official file needs ``--model``), or a model name (its official weights,
-or ``--weights FILE``). PATH: image files and folders (searched recursively). Images go through the variant's own
+SOURCE, as the exporter takes it (models/loading.py): one of our run directories (its EMA weights, class map and
+resolution), one of our weights files (they name their variant), an official ``.pth.tar``, or a model name (its
+official weights, or ``--weights FILE`` for a file that does not name its variant). PATH: image files and folders (searched recursively). Images go through the variant's own
 eval transform (timm's, as eval.py's), in batches; class names come from the weights' class map (ImageNet's synsets
 for a 1000-class model without one). An unreadable image is one line, skipped and counted; the rest go on.
 """
@@ -19,7 +19,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -72,22 +71,21 @@ def collate(items):
             [(i, why) for x, i, why in items if x is None])
 
 
-def class_names(loaded) -> list[str]:
+def class_names(source) -> list[str]:
     from .engine.eval_run import class_names as names
-    return names(loaded.classes, loaded.model.num_classes)
+    return names(source.classes, source.model.num_classes)
 
 
-def predict(loaded, files: list[Path], topk: int, batch_size: int, workers: int, device: torch.device,
+def predict(source, files: list[Path], topk: int, batch_size: int, workers: int, device: torch.device,
             progress: bool = True):
     """Yields (file, [(class, probability)] * topk) in file order; unreadable files are reported and skipped."""
     from .data.augment import DeviceAugment
     from .data.folder_loader import eval_transform
-    from .engine.evaluate import variant_data_args
-    view = variant_data_args(loaded.model, SimpleNamespace(img_size=None, crop_pct=None))
+    view = source.preprocessing
     transform = eval_transform(view["res"], view["crop_pct"], view["interpolation"], view["crop_mode"])
-    normalise = DeviceAugment(None, loaded.model.num_classes, view["mean"], view["std"], device, train=False)
-    model = loaded.model.to(device, memory_format=torch.channels_last)
-    names, k = class_names(loaded), min(topk, loaded.model.num_classes)
+    normalise = DeviceAugment(None, source.model.num_classes, view["mean"], view["std"], device, train=False)
+    model = source.model.to(device, memory_format=torch.channels_last)
+    names, k = class_names(source), min(topk, source.model.num_classes)
     loader = DataLoader(Images(files, transform), batch_size=batch_size, num_workers=workers, collate_fn=collate)
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
     with torch.no_grad():
@@ -124,29 +122,28 @@ def main(argv=None):
     ap.add_argument("paths", nargs="+", help="image files and folders of images")
     ap.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     ap.add_argument("--out", help="write the predictions to this .csv or .json file (default: print them)")
-    ap.add_argument("--model", help="the variant of a weights file that does not name it (official files)")
     ap.add_argument("--weights", help="with a model name as SOURCE: its weights (a file or a Hugging Face repo id)")
-    ap.add_argument("--img-size", type=int, help="resolution (default: the run's, else the variant's)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
     ap.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    for key in ("topk", "batch_size", "img_size"):
+    for key in ("topk", "batch_size"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             sys.exit(f"error: --{key.replace('_', '-')} must be at least 1")
     if args.out and Path(args.out).suffix not in (".csv", ".json"):
         sys.exit(f"error: --out {args.out}: give a .csv or .json file")
     files = find_images(args.paths)
-    from .models.loading import load_model
+    from .models.loading import load_source
     from .models.pretrained import CheckpointError
     try:
-        loaded = load_model(args.source, args.model, args.weights, args.img_size)
+        loaded = load_source(args.source, args.weights)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           args.device.replace("auto", "cpu"))
-    print(f"predict: {len(files)} image{'s' * (len(files) != 1)} with {loaded.name} from {loaded.source}", flush=True)
+    print(f"predict: {len(files)} image{'s' * (len(files) != 1)} with {loaded.name}, {loaded.weights} "
+          f"({loaded.model.num_classes} classes)", flush=True)
     t0 = time.perf_counter()
     rows = list(predict(loaded, files, args.topk, args.batch_size, args.workers, device,
                         progress=not args.no_progress and sys.stderr.isatty()))

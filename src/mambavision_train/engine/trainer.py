@@ -120,7 +120,8 @@ class Trainer:
         self.checkpoints = ckpt.RunCheckpoints(self.run_dir, self.model, self.ema, self.optimizer, self.dist.is_main,
                                                sharded=is_sharded(self.model), device=self.dist.device,
                                                keep_last_n=cfg.checkpoint.keep_last_n,
-                                               export={"classes": self.classes, "model": cfg.model.name})
+                                               export={"classes": self.classes, "model": cfg.model.name,
+                                                       "img_size": cfg.model.img_size})
         self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg.logger, self.dist.is_main,
                                     OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),

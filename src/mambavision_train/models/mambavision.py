@@ -255,8 +255,12 @@ class MambaVisionLayer(nn.Module):
         if self.transformer_block:
             # Zero-pad right/bottom to a multiple of the window, as the official code does (no attention mask).
             ws = self.window_size
-            pad_r, pad_b = (ws - W % ws) % ws, (ws - H % ws) % ws
-            if pad_r or pad_b:
+            pad_r, pad_b = (W + ws - 1) // ws * ws - W, (H + ws - 1) // ws * ws - H
+            # A symbolic size (torch.export with a dynamic height/width) always pads and crops, by amounts the graph
+            # computes: a branch on them would freeze the traced size's choice into the graph. A known size skips
+            # the copy when there is nothing to pad.
+            padded = not (isinstance(H, int) and isinstance(W, int)) or pad_r > 0 or pad_b > 0
+            if padded:
                 x = F.pad(x, (0, pad_r, 0, pad_b))
             Hp, Wp = x.shape[2:]
             x = window_partition(x, ws)
@@ -264,7 +268,7 @@ class MambaVisionLayer(nn.Module):
             x = checkpointed(blk, x) if self.grad_checkpointing and self.training else blk(x)
         if self.transformer_block:
             x = window_reverse(x, ws, Hp, Wp)
-            if pad_r or pad_b:
+            if padded:
                 x = x[:, :, :H, :W].contiguous()
         return x if self.downsample is None or not downsample else self.downsample(x)
 

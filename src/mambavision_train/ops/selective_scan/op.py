@@ -141,6 +141,20 @@ def _backward(ctx, gout, *_):
 selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def functional_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
+    """The operator as plain, functional aten ops: the PyTorch scan with its recurrence out of place, whichever
+    ``impl`` the graph names (the numbers are the same). Exporters that do not know the operator get this in its
+    place (``ExportedProgram.run_decompositions(DECOMPOSITIONS)``, then ONNX). A decomposition rather than an
+    onnxscript translation of the operator: one implementation, in PyTorch, tested against the training scan,
+    good for any backend that takes an aten graph."""
+    out, last, residuals = torch_scan.forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                              recurrence=torch_scan.linear_scan_functional)
+    return (out, last, *_padded(residuals, A))
+
+
+DECOMPOSITIONS = {torch.ops.mambavision.selective_scan.default: functional_selective_scan}
+
+
 def scan_macs(b: int, d: int, l: int, n: int, with_D: bool = True) -> int:
     """Multiply-adds of one scan: exp(delta*A) and delta*u*B (1 MAC each, the exp not counted), the state update
     h = dA*h + dBu (1), the readout <h, C> (1) per (b, d, l, n); D*u per (b, d, l)."""
