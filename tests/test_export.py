@@ -94,6 +94,28 @@ def test_a_run_exports_to_onnx_that_runs_at_any_batch_and_size(run_onnx, five_st
     assert max_diff_at(path, model, [(2, 3, 32, 32), (1, 3, 40, 72), (3, 3, 48, 64)]) <= 1e-4
 
 
+def test_the_stage_maps_export_equals_forward_intermediates(five_steps, tmp_path):
+    """--features: the backbone's four stage maps (before each downsample, as timm's forward_intermediates gives
+    them), named stage1..stage4, at a dynamic batch and size, as onnxruntime computes them."""
+    path = tmp_path / "features.onnx"
+    code, out, err = export(five_steps, "--out", path, "--features")
+    assert code == 0, err[-3000:]
+    assert "-> stage1 [batch, 32, " in out and ", stage4 [batch, 256, " in out, out
+    model = eager("mambavision_demo", five_steps / "checkpoints" / "ema_last.pth", img_size=32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["stage1", "stage2", "stage3", "stage4"]
+    for shape in ((1, 3, 32, 32), (3, 3, 48, 72)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.no_grad():
+            want = model.forward_intermediates(x, intermediates_only=True)
+        got = session.run(None, {"images": x.numpy()})
+        for a, b in zip(got, want):
+            assert a.shape == tuple(b.shape) and (torch.from_numpy(a) - b).abs().max() <= 1e-4 * max(1, b.abs().max())
+
+
 def test_a_static_file_at_another_opset_takes_exactly_its_shape(five_steps, tmp_path):
     path = tmp_path / "static.onnx"
     code, out, err = export(five_steps, "--out", path, "--static-batch", "2", "--static-size", "--img-size", "48", "40",
@@ -129,7 +151,7 @@ def test_pt2_round_trip_keeps_the_scan_operator(five_steps, tmp_path):
 
 def test_a_checkpoint_of_a_run_is_the_model_the_run_trained(five_steps):
     """Its own config (last.pth.tar) or its run's (ema_last.pth): the 32 px windows, the EMA weights."""
-    ema = torch.load(five_steps / "checkpoints" / "ema_last.pth", weights_only=True)
+    ema = torch.load(five_steps / "checkpoints" / "ema_last.pth", weights_only=True)["state_dict"]
     for name, described in (("last.pth.tar", "EMA weights"), ("ema_last.pth", "weights")):
         src = load_source(str(five_steps / "checkpoints" / name))
         assert src.name == "mambavision_demo" and src.weights == f"{described} of {five_steps / 'checkpoints' / name}"
@@ -166,11 +188,13 @@ def test_trace_size_pads_every_windowed_stage_with_two_windows_or_more():
 
 @pytest.fixture(scope="module")
 def bare_run(five_steps, tmp_path_factory):
-    """A run directory and a weights file that do not say enough: no exported EMA weights; a file outside a run."""
+    """A run directory and a weights file that do not say enough: no exported EMA weights; a plain state dict
+    outside a run (an exported EMA file names its variant; its bare weights do not)."""
     d = tmp_path_factory.mktemp("bad")
     (d / "run" / "checkpoints").mkdir(parents=True)
     shutil.copy(five_steps / "config.yaml", d / "run" / "config.yaml")
-    shutil.copy(five_steps / "checkpoints" / "ema_last.pth", d / "weights.pth")
+    torch.save(torch.load(five_steps / "checkpoints" / "ema_last.pth", weights_only=True)["state_dict"],
+               d / "weights.pth")
     return d
 
 

@@ -2,10 +2,11 @@
 torch.export program (``.pt2``: AOTInductor, ExecuTorch).
 
     python -m mambavision_train.export SOURCE --out PATH [--format onnx|pt2] [--img-size H W] [--weights FILE]
-        [--dynamic-batch | --static-batch [N]] [--dynamic-size | --static-size] [--opset N]
+        [--dynamic-batch | --static-batch [N]] [--dynamic-size | --static-size] [--opset N] [--features]
 
 SOURCE: a model name (with --weights: any file or Hugging Face repo load_pretrained takes; without, random init),
-a run directory of train.py (its EMA weights), or one of its checkpoints. The classifier is exported in eval mode,
+a run directory of train.py (its EMA weights), or one of its checkpoints (models/loading.py). The classifier (with
+--features: the four stage maps of the backbone) is exported in eval mode,
 by default with a dynamic batch and (ONNX) a dynamic height and width, checked at the variant's own resolution.
 Nothing is written unless the file passes its checks (docs/export.md): ONNX through onnx.checker, standard ops
 only and onnxruntime against PyTorch at two batch sizes and a second padding; pt2 loaded back and run.
@@ -63,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
     size.add_argument("--static-size", dest="static_size", action="store_true",
                       help="the height and width fixed at --img-size (pt2 always)")
     ap.add_argument("--opset", type=int, help=f"ONNX opset, {OPSETS_TEXT} (default: torch's, 20)")
+    ap.add_argument("--features", action="store_true",
+                    help="export the backbone's four stage maps (stage1..stage4, before each downsample) instead of "
+                         "the logits")
     return ap
 
 
@@ -126,7 +130,7 @@ def export(args, fmt: str) -> str:
     say(f"source: {src.name} ({src.model.num_classes} classes, windows "
         f"{' '.join(str(lvl.window_size) for lvl in src.model.levels)}), {src.weights}")
 
-    tgt = target(src.model)
+    tgt = target(src.model, features=args.features)
     at = size if static_size else trace_size(src.model, *size)
     batch = args.static_batch or 2  # two or more: torch.export specialises a size of 1
     dynamic = [d for d, on in (("batch", dynamic_batch), ("height, width", not static_size)) if on]

@@ -35,8 +35,23 @@ class Target:
     outputs: list[str]
 
 
-def target(model: nn.Module) -> Target:
-    """What the exported file computes from a batch of images; the one place that chooses it: the logits."""
+class StageMaps(nn.Module):
+    """The backbone's four stage maps (timm's forward_intermediates: each before its stage's downsample), for a
+    detection or segmentation head downstream (docs/dense.md)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return tuple(self.model.forward_intermediates(images, intermediates_only=True))
+
+
+def target(model: nn.Module, features: bool = False) -> Target:
+    """What the exported file computes from a batch of images; the one place that chooses it: the logits, or with
+    ``features`` the four stage maps."""
+    if features:
+        return Target(StageMaps(model).eval(), [f"stage{i + 1}" for i in range(len(model.levels))])
     return Target(model, ["logits"])
 
 
