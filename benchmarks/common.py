@@ -21,8 +21,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, {gpu}"
 
 
-def interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
-    """Median seconds per call of each function, runs interleaved (a, b, a, b, ...) so drift hits all alike."""
+def interleaved(fns: dict, repeats: int = 5, warmup: int = 1, clock=time.perf_counter) -> dict:
+    """Median seconds per call of each function, runs interleaved (a, b, a, b, ...) so drift hits all alike.
+    ``clock=time.process_time`` gives CPU seconds (all threads), which other jobs on a shared machine inflate less."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -31,11 +32,11 @@ def interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
         for name, fn in fns.items():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

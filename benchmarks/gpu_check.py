@@ -9,8 +9,11 @@
    Triton kernel configurations at the T stage-3 shape.
 3. Inference and training img/s of T, S, B at 224 px, batch 128, bf16 autocast, channels_last, per scan; then T
    with torch.compile.
-4. ``train.py experiment=demo`` for one epoch on CUDA (bf16, paper augmentation: Mixup/CutMix and erasing on the
-   device, folder loader), then ``eval.py`` on its checkpoint.
+4. The trainer on the device (gpu_trainer.py): host-device syncs per optimizer step and per augmented batch (CUDA's
+   sync debug mode), ``deterministic=true`` runs equal bit for bit, ``ema_last.pth`` loading without a GPU, and where
+   FFCV is installed and there are 2+ GPUs, which GPUs a rank on GPU 1 holds a context on.
+5. ``train.py experiment=demo`` for one epoch on CUDA (bf16, paper augmentation: Mixup/CutMix and erasing on the
+   device, folder loader) in a fresh run directory, then ``eval.py`` on its checkpoint.
 Every row is printed as it is measured (a run cut short keeps what it had), and the table again at the end.
 Sections that would overrun the time budget are skipped with a line saying so. ``--quick``: tiny sizes, any device.
 """
@@ -25,6 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# A smoke run on the CPU (--device cpu) runs the Triton kernels in Triton's interpreter, which must be chosen before
+# triton is first imported (torch's FLOP counter imports it with torch).
+if "cpu" in sys.argv[sys.argv.index("--device") + 1:][:1]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -38,9 +46,18 @@ ROWS: list[tuple] = []
 START = time.perf_counter()
 
 
+HEAD = "| check | scan | setting | result | status |\n|---|---|---|---|---|\n"
+
+
 def row(*cells):
+    """Print a row and rewrite $OUT/gpu_check.md with every row so far: a run cut short keeps its table."""
     ROWS.append(tuple(str(c) for c in cells))
     print("| " + " | ".join(ROWS[-1]) + " |", flush=True)
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"], "gpu_check.md")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(HEAD + "".join("| " + " | ".join(r) + " |\n" for r in ROWS))
+        path.with_suffix(".tmp").replace(path)
 
 
 def naive_scan(u, delta, A, B, C, D, z, delta_bias):
@@ -95,11 +112,20 @@ def copy_bandwidth(device, numel=2 ** 29) -> float:
     return 2 * src.numel() * 2 / (bench_ms(lambda: dst.copy_(src)) / 1e3)
 
 
-def scan_bytes(b, d, l, n, elem=2) -> int:
+def scan_bytes(b, d, l, n, elem=2, partial_blocks=0) -> int:
     """The least a fused forward+backward must move: forward reads u, delta, B, C and writes y; backward reads them
-    again with dy and writes du, ddelta, dB, dC (A, D, bias and the checkpoints are small)."""
+    again with dy and writes du, ddelta, dB, dC (A, D, bias and the checkpoints are small). ``partial_blocks``: our
+    Triton backward writes dB and dC as fp32 partial sums, one per block of channels (b, d / block_d, n, l), and
+    PyTorch reads them back to add them up (no atomics: bit-reproducible); at block_d 4 that is about twice the
+    minimum again, so the minimum over (minimum + partials) is that kernel's real ceiling."""
     big, small = b * d * l * elem, b * n * l * elem
-    return (2 * big + 2 * small + big) + (3 * big + 2 * small + 2 * big + 2 * small)
+    partials = 2 * 2 * b * partial_blocks * n * l * 4  # dB and dC: written by the kernel, read by the sum
+    return (2 * big + 2 * small + big) + (3 * big + 2 * small + 2 * big + 2 * small) + partials
+
+
+def triton_blocks(d, l, n):
+    from mambavision_train.ops.selective_scan import triton_scan
+    return -(-d // triton_scan.default_config(n, l).block_d)
 
 
 def time_scan(impl, shape, device, config=None):
@@ -158,7 +184,7 @@ def end_to_end(device, limit):
     except ImportError:
         row("train.py + eval.py end to end", "-", "-", "hydra-core missing (bring .whl/, see gpu_check.sh)", "SKIP")
         return
-    out = Path(tempfile.gettempdir()) / "gpu_check_e2e"
+    out = Path(tempfile.mkdtemp(prefix="gpu_check_e2e_"))  # fresh: a rerun must train, not resume a finished run
     env = dict(os.environ, MAMBAVISION_CACHE=str(out / "cache"), WANDB_MODE="disabled",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     run_dir = out / "run"
@@ -175,6 +201,23 @@ def end_to_end(device, limit):
     top1 = [ln for ln in (res.stdout + res.stderr).replace("\r", "\n").splitlines() if " top1 " in ln]
     row("eval.py on its checkpoint", "auto", "bf16, folder loader", top1[-1][-60:] if top1 else f"exit {res.returncode}",
         f"ok ({secs:.0f} s)" if res.returncode == 0 else "FAIL")
+
+
+def trainer_checks(device: str):
+    """benchmarks/gpu_trainer.py: syncs per step and per augmented batch, determinism, the EMA file, FFCV's thread."""
+    try:
+        import hydra  # noqa: F401
+    except ImportError:
+        row("trainer on the device", "-", "-", "hydra-core missing (bring .whl/, see gpu_check.sh)", "SKIP")
+        return
+    import gpu_trainer
+    os.environ.setdefault("MAMBAVISION_CACHE", tempfile.mkdtemp(prefix="gpu_check_cache_"))
+    checks = [gpu_trainer.determinism] + ([gpu_trainer.syncs, lambda d: gpu_trainer.ffcv_contexts()]
+                                          if device.startswith("cuda") else [])
+    for check in checks:
+        with guarded(f"trainer: {getattr(check, '__name__', 'ffcv')}"):
+            for r in check(device):
+                row(*r)
 
 
 def correctness(impls, device, q):
@@ -211,7 +254,13 @@ def scan_speed(impls, device, q):
         for impl in impls:
             ms = time_scan(impl, shape, device)
             frac = scan_bytes(*shape) / (ms / 1e3) / peak
-            row(f"scan fwd+bwd, {label}", impl, f"{shape[:3]} bf16", f"{ms:.3f} ms", f"{100 * frac:.0f}% of copy BW")
+            note = ""
+            if impl == "triton":  # what it really moves, partial sums included, and so its ceiling
+                real = scan_bytes(*shape, partial_blocks=triton_blocks(*shape[1:]))
+                note = (f"; {100 * real / (ms / 1e3) / peak:.0f}% counting its partial sums "
+                        f"(ceiling {100 * scan_bytes(*shape) / real:.0f}%)")
+            row(f"scan fwd+bwd, {label}", impl, f"{shape[:3]} bf16", f"{ms:.3f} ms",
+                f"{100 * frac:.0f}% of copy BW{note}")
     if "triton" in impls:
         from mambavision_train.ops.selective_scan.triton_scan import KernelConfig
         label, shape = next(iter(shapes.items()))
@@ -229,7 +278,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run on any device")
     ap.add_argument("--limit", type=float, default=450, help="seconds; later sections are skipped past it")
-    ap.add_argument("--sections", default="correctness,scan,models,e2e,compile")
+    ap.add_argument("--sections", default="correctness,scan,models,trainer,e2e,compile")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -258,6 +307,8 @@ def main():
                         ips = measure(model, mode, batch, res, "bf16", impl, warm, iters, device)
                         row(f"{model} {mode} img/s", impl, f"batch {batch}, bf16", f"{ips:.0f}",
                             f"{time.perf_counter() - t0:.0f} s")
+    if "trainer" in todo and section("trainer on the device", 90, args.limit):
+        trainer_checks(args.device)
     if "e2e" in todo and section("end to end", 90, args.limit):
         with guarded("end to end"):
             end_to_end(args.device, max(60, args.limit - (time.perf_counter() - START) - 60))
@@ -273,10 +324,6 @@ def main():
     print("| check | scan | setting | result | status |\n|---|---|---|---|---|")
     for r in ROWS:
         print("| " + " | ".join(r) + " |")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_check.md").write_text(
-            "| check | scan | setting | result | status |\n|---|---|---|---|---|\n"
-            + "".join("| " + " | ".join(r) + " |\n" for r in ROWS))
     if any(r[4] == "FAIL" for r in ROWS):
         raise SystemExit("gpu_check: FAILED")
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import mambavision_train  # noqa: F401
+from mambavision_train import precision
+from mambavision_train.precision import amp_dtype
 from common import machine
 
 
@@ -29,8 +31,8 @@ def measure(model_name, mode, batch, res, amp, scan, warmup, iters, device, chan
     net = torch.compile(model) if compile else model
     x = torch.randn(batch, 3, res, res, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[amp]
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    dtype = amp_dtype(amp, device)
+    autocast = lambda: precision.autocast(device, dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 

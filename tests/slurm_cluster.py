@@ -82,7 +82,7 @@ class LocalSlurm:
             f"SlurmdSpoolDir={r}/spool/d-%n", f"SlurmctldPidFile={r}/run/slurmctld.pid",
             f"SlurmdPidFile={r}/run/slurmd-%n.pid", f"SlurmctldLogFile={r}/log/slurmctld.log",
             f"SlurmdLogFile={r}/log/slurmd-%n.log", "MailProg=/bin/true", "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none", "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
+            "TaskPlugin=task/affinity", "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "ReturnToService=2", "MpiDefault=none", "JobRequeue=1", "KillWait=30",
             "MinJobAge=3600", "SchedulerParameters=sched_interval=2,bf_interval=2", "GresTypes=gpu",
             "PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE", "SlurmctldParameters=preempt_send_user_signal",
@@ -120,14 +120,15 @@ class LocalSlurm:
     def _run(self, cmd):
         subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=60)
 
-    def out(self, cmd, env=None) -> str:
-        res = subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=60)
+    def out(self, cmd, env=None, cwd=None) -> str:
+        res = subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=60, cwd=cwd)
         if res.returncode:
             raise RuntimeError(f"{' '.join(map(str, cmd))}: {res.stderr.strip()}")
         return res.stdout
 
-    def sbatch(self, *args, env=None) -> str:
-        return self.out(["sbatch", "--parsable", *map(str, args)], env=env).strip().split(";")[0]
+    def sbatch(self, *args, env=None, cwd=None) -> str:
+        """Submit from ``cwd`` (default: this process's folder), as a user does from where they stand."""
+        return self.out(["sbatch", "--parsable", *map(str, args)], env=env, cwd=cwd).strip().split(";")[0]
 
     def jobs(self, job_id: str) -> list[dict]:
         """Every job (array elements included) of ``job_id`` as scontrol's key=value fields."""

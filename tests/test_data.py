@@ -150,6 +150,20 @@ def test_same_seed_and_epoch_same_pixels_and_resume_mid_epoch(digits, kind):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first[5:], resumed))
 
 
+def test_ffcv_makes_the_ranks_gpu_current_in_its_thread_before_any_batch(digits, monkeypatch):
+    """FFCV's loader thread enters a CUDA stream context per batch when CUDA is available, and a new thread's current
+    device is GPU 0: the thread makes the rank's own GPU current first (what that prevents shows only on a GPU node:
+    a context on GPU 0 for every rank). Here set_device is recorded, not run."""
+    import threading
+    from mambavision_train.data.ffcv_loader import FFCVLoader
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append((threading.current_thread().name, d)))
+    loader = FFCVLoader(check(digits, "val"), train=False, batch_size=100, res=32, num_workers=1, device="cuda:1")
+    batches = [y.clone() for _, y in loader]
+    assert len(batches) == 4 and calls and {c[1] for c in calls} == {torch.device("cuda:1")}
+    assert threading.main_thread().name not in {c[0] for c in calls}
+
+
 def test_shards_are_disjoint_and_cover_the_epoch(digits):
     n, bs = 1438, 32
     perm = epoch_permutation(n, 7, 2)

@@ -60,8 +60,11 @@ def test_fsdp_trains_saves_resumes_exactly_and_exports(env, tmp_path, few_digits
     a, b = final_state(whole), final_state(broken)
     assert a["state"]["global_step"] == b["state"]["global_step"] == 6
     assert_same_run(a, b)
-    # The exported EMA weights: a plain state dict that loads (strictly) into the unwrapped model.
-    exported = torch.load(whole / "checkpoints" / "ema_last.pth", weights_only=True)
+    # The exported EMA weights: a state dict (official key names) that loads strictly into the unwrapped model,
+    # with the run's class map and variant beside it.
+    export = torch.load(whole / "checkpoints" / "ema_last.pth", weights_only=True)
+    assert export["classes"] == [str(c) for c in range(10)] and export["model"] == "mambavision_demo"
+    exported = export["state_dict"]
     plain = timm.create_model("mambavision_demo", num_classes=10)
     plain.load_state_dict(exported)
     # Rank 0 exports: its own BatchNorm statistics (ranks differ between validations without SyncBN).
@@ -121,7 +124,7 @@ def test_the_launch_is_read_from_the_environment_not_written_to_it(monkeypatch):
     slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "1234",
              "MASTER_ADDR": "10.0.0.7"}
     assert launch_env(slurm) == Launch(rank=3, local_rank=1, world_size=4, by_slurm=True)
-    assert slurm_rendezvous(slurm) == "tcp://10.0.0.7:29734"  # the port from the job id: the same on every rank
+    assert slurm_rendezvous(slurm) == "tcp://10.0.0.7:13234"  # the port from the job id: the same on every rank
     assert slurm_rendezvous({**slurm, "MASTER_PORT": "4000"}) == "tcp://10.0.0.7:4000"
     torchrun = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
     assert launch_env({**slurm, **torchrun}) == Launch(1, 1, 2)  # torchrun inside an sbatch job
@@ -157,3 +160,37 @@ def test_two_srun_style_processes_form_a_group_from_slurm_variables_alone(env):
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     assert [out.split() for out, _ in outs] == [["0", "2", "3", "True"], ["1", "2", "3", "True"]]
+
+
+@pytest.fixture(scope="module")
+def fsdp_checks(tmp_path_factory):
+    """What 2 FSDP2 ranks see, from one start of 2 processes (tests/spawned.py). One image in a val set for the
+    check of a rank without a validation batch."""
+    from PIL import Image
+    from spawned import fsdp_checks, spawn
+    out = tmp_path_factory.mktemp("fsdp_checks")
+    (out / "one" / "val" / "3").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(out / "one" / "val" / "3" / "a.png")
+    return spawn(fsdp_checks, 2, out, str(out / "one"))
+
+
+def test_fsdp2_keeps_the_ssm_parameters_in_fp32_inside_the_mixer(fsdp_checks):
+    """With bf16 parameters (amp=bf16 under dist=fsdp) the Mamba mixers' units gather fp32, as DDP with autocast
+    has them: A_log, D and the dt bias enter the scan unrounded; the rest of the block is gathered in bf16."""
+    for rank in fsdp_checks:
+        assert rank["mixed_precision"] == {
+            "A_log": ["torch.float32"], "D": ["torch.float32"], "dt_bias": ["torch.float32"],
+            "in_proj": ["torch.float32"], "block norm": ["torch.bfloat16"], "mlp": ["torch.bfloat16"]}
+
+
+def test_fsdp2_fp16_skips_a_step_on_every_rank_when_one_shard_overflows(fsdp_checks):
+    """amp=fp16 under FSDP2: each rank checks only its gradient shards for infs, and GradScaler's check on DTensors
+    reduces the verdict over the ranks (torch >= 2.5), so an overflow in one rank's shard skips the step everywhere
+    and every rank lowers its scale: the ranks stay in step."""
+    assert [rank["fp16_skip"] for rank in fsdp_checks] == [{"stepped": False, "scale": 32768.0}] * 2
+
+
+def test_fsdp2_validation_on_a_rank_without_a_batch_joins_the_others(fsdp_checks):
+    """One validation image over two sharded ranks: rank 1 has no batch, joins rank 0's forward with a stand-in
+    image, and both count the one image."""
+    assert [rank["empty_shard"] for rank in fsdp_checks] == [{"batches": 1, "count": 1}, {"batches": 0, "count": 1}]

@@ -125,6 +125,21 @@ def test_resume_refuses_another_run_unless_allowed_and_then_applies_the_change(e
 
 
 @pytest.mark.slow
+def test_amp_may_change_on_resume_in_both_directions(env, tmp_path, five_steps):
+    """amp is a resumable change (a run moved to a GPU without bf16): an fp32 run goes on in fp16 with a fresh
+    GradScaler, then back in fp32 (the scaler's state is dropped). A disabled scaler saves an empty state, which an
+    enabled one would refuse to load."""
+    d = copy_run(five_steps, tmp_path / "run")
+    res = run("train.py", *SHORT, "max_steps=6", "amp=fp16", f"run_dir={d}", env=env)
+    assert "amp=fp16 from here on: the GradScaler starts at scale 65536" in res.stdout
+    state = final_state(d)
+    assert state["state"]["global_step"] == 6 and 0 < state["scaler"]["scale"] <= 65536 and finite_weights(state)
+    run("train.py", *SHORT, "max_steps=7", "amp=fp32", f"run_dir={d}", env=env)
+    state = final_state(d)
+    assert state["state"]["global_step"] == 7 and state["scaler"] == {} and finite_weights(state)
+
+
+@pytest.mark.slow
 def test_resume_on_another_world_size_is_refused_or_announced(env, tmp_path, five_steps):
     d = copy_run(five_steps, tmp_path / "run")
     env1 = {**env, "OMP_NUM_THREADS": "1"}

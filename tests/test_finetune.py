@@ -41,7 +41,7 @@ def parity_tree(env, tmp_path_factory):
 
 
 def test_every_tensor_but_a_new_classifier_comes_from_the_source(source_run):
-    source = torch.load(source_run / "checkpoints" / "ema_last.pth", weights_only=True)
+    source = torch.load(source_run / "checkpoints" / "ema_last.pth", weights_only=True)["state_dict"]
     model = timm.create_model("mambavision_demo", num_classes=2)
     fresh_head = model.head.weight.detach().clone()
     assert init_from(model, source_run) == f"initialised from {source_run} (EMA weights, new classifier)"

@@ -174,3 +174,15 @@ def test_fallback_loader_needs_neither_ffcv_nor_numba(tree):
     from mambavision_train.data.ffcv_decoder import sample_key as compiled
     want = [int(compiled(s, e, i)) for s, e, i in ((0, 0, 0), (31, 7, 1281166), (2**40, 319, 5))]
     assert res.stdout.strip() == str(want)
+
+
+def test_loading_in_the_training_process_leaves_the_cuda_generators_alone(tree, monkeypatch):
+    """With num_workers=0 every sample's draws are seeded in the training process: only the CPU generators are
+    reseeded and restored (torch.manual_seed would reseed every CUDA generator and leave it so: DropPath's and the
+    device augmentation's draws would restart from a sample's seed)."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    cpu = torch.get_rng_state()
+    loader, _ = build_loader(folder_cfg(tree[0]), NO_MIX, train=True, batch_size=2, res=32)
+    assert len(collect(loader)) == len(loader) > 0
+    assert reseeded == [] and torch.equal(torch.get_rng_state(), cpu)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import mambavision_train  # noqa: F401  (registers the models with timm)
-from mambavision_train import PAPER, count_flops, load_pretrained
+from mambavision_train import PAPER, CheckpointError, count_flops, load_pretrained
 
 SIZES = ["t", "t2", "s", "b", "l", "l2"]
 OFFICIAL = {s: f"mamba_vision_{s.upper()}" for s in SIZES}
@@ -189,13 +189,38 @@ def test_l2_at_512_px_from_its_224_weights_equals_the_official_l2_512(official):
     assert want.std() > 0.1 and (got - want).abs().max() <= 1e-4
 
 
+def official_stage_maps(model, x):
+    """(logits, stage maps, each level's output shape) of an official classifier in eval mode: the stage maps are
+    what its downsamplers receive (forward-pre hooks) and the last stage's output. A level's own output is the
+    downsampled map, with twice the channels at half the size: the trap of the official tracker's #104."""
+    maps, shapes, hooks = {}, {}, []
+    for i, level in enumerate(model.levels):
+        if level.downsample is not None:
+            hooks.append(level.downsample.register_forward_pre_hook(lambda m, a, i=i: maps.__setitem__(i, a[0])))
+        else:
+            hooks.append(level.register_forward_hook(lambda m, a, out, i=i: maps.__setitem__(i, out)))
+        hooks.append(level.register_forward_hook(lambda m, a, out, i=i: shapes.__setitem__(i, tuple(out.shape[1:]))))
+    with torch.no_grad():
+        logits = model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return logits, [maps[i] for i in range(len(model.levels))], [shapes[i] for i in range(len(model.levels))]
+
+
 @pytest.mark.reference
-def test_logits_equal_official_at_odd_non_square_resolution(official):
+def test_logits_and_stage_maps_equal_official_at_odd_non_square_resolution(official):
+    """Logits, and the stage maps of forward_intermediates against the official model's (official_stage_maps)."""
     ref, mine = twin_models(official, "t")
     x = torch.randn(2, 3, 200, 264, generator=torch.Generator().manual_seed(2))
+    want, seen, level_outputs = official_stage_maps(ref, x)
     with torch.no_grad():
-        want, got = ref.eval()(x), mine.eval()(x)
+        final, maps = mine.eval().forward_intermediates(x)
+        got = mine.forward_head(final)  # = mine(x): final equals forward_features (test_forward_intermediates_contract)
     assert want.std() > 0.1 and (got - want).abs().max() <= 1e-4
+    assert [tuple(m.shape[1:]) for m in maps] == [(80, 50, 66), (160, 25, 33), (320, 13, 17), (640, 7, 9)]
+    assert level_outputs == [(160, 25, 33), (320, 13, 17), (640, 7, 9), (640, 7, 9)]
+    for i, m in enumerate(maps):
+        assert seen[i].std() > 0.1 and (m - seen[i]).abs().max() <= 1e-4 * seen[i].abs().max(), i
 
 
 @pytest.mark.reference
@@ -259,3 +284,109 @@ def test_family_table_as_markdown():
     assert rows["mambavision_t"][3] == rows["mambavision_t"][4] == "31,794,248"
     assert rows["mambavision_l2_512"][1:4] == ["512", "0.93 squash", "241,554,824"]
     assert rows["mambavision_l3_256"][3] == "739,570,472"
+    assert head[-1].startswith("feature channels") and rows["mambavision_t"][-1] == "80 / 160 / 320 / 640"
+    assert rows["mambavision_l3_512"][-1] == "256 / 512 / 1024 / 2048"
+
+
+# --------------------------------------------------------------------------- timm's feature API (docs/dense.md)
+def stage_sides(side: int) -> list[int]:
+    """A stage map's side for an input side: the stem's two stride-2 convolutions, then a stride-2 downsample
+    before each later stage (each rounds up)."""
+    sides = [-(-(-(-side // 2)) // 2)]
+    for _ in range(3):
+        sides.append(-(-sides[-1] // 2))
+    return sides
+
+
+def test_feature_info_and_features_only_on_every_variant():
+    """Every registered variant: feature_info (dim * 2^i channels at stride 4 * 2^i, module names that exist),
+    features_only through timm's getter wrapper, pruned to what the requested stages need, with the state-dict
+    names unchanged; img_size and window overrides reach the wrapped model."""
+    from mambavision_train.models.mambavision import ARCHS
+    names = timm.list_models("mambavision_*")
+    assert set(names) == set(ARCHS)
+    for name in names:
+        dim = ARCHS[name]["dim"]
+        feats = meta_model(name, features_only=True, out_indices=(1, 2))
+        inner = feats.model
+        assert type(feats).__name__ == "FeatureGetterNet", name
+        assert [(f["num_chs"], f["reduction"]) for f in inner.feature_info] == [(dim * 2 ** i, 4 * 2 ** i) for i in range(4)]
+        assert feats.feature_info.channels() == [2 * dim, 4 * dim] and feats.feature_info.reduction() == [8, 16]
+        assert all(inner.get_submodule(m) is inner.levels[i] for i, m in zip((1, 2), feats.feature_info.module_name()))
+        # Stage 4 is gone, and so is stage 3's downsample (it fed stage 4 only); stage 2's stays.
+        assert len(inner.levels) == 3 and inner.levels[2].downsample is None and inner.levels[1].downsample is not None
+        full = set(meta_model(name).state_dict()) if name == "mambavision_t" else None
+        keys = set(inner.state_dict())
+        assert not any(k.startswith(("norm.", "head.", "levels.3.", "levels.2.downsample")) for k in keys), name
+        if full is not None:
+            assert keys < full
+    windows = lambda m: [lvl.window_size for lvl in m.model.levels]
+    assert windows(meta_model("mambavision_l2", features_only=True, img_size=512)) == [8, 8, 32, 16]
+    assert windows(meta_model("mambavision_t", features_only=True, window_size=[8, 8, 112, 56])) == [8, 8, 112, 56]
+
+
+@pytest.mark.parametrize("name,res", [("mambavision_demo", (45, 71)), ("mambavision_t", (97, 131))])
+def test_forward_intermediates_contract(name, res):
+    """timm's contract at an odd, non-square input: one map per stage, taken before the stage's downsample, with
+    dim * 2^i channels and the stage's spatial size; the final features equal forward_features; the getter
+    wrapper (timm.create_model(features_only=True), the same seed: the same weights) returns the same maps."""
+    torch.manual_seed(0)
+    model = ours(name).eval()
+    torch.manual_seed(0)
+    getter = ours(name, features_only=True, out_indices=(0, 2, 3)).eval()
+    x = torch.randn(1, 3, *res, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x))
+        got = getter(x)
+    dim = model.feature_info[0]["num_chs"]
+    assert [tuple(m.shape) for m in maps] == [
+        (1, dim * 2 ** i, h, w) for i, (h, w) in enumerate(zip(stage_sides(res[0]), stage_sides(res[1])))]
+    assert len(got) == 3 and getter.feature_info.channels() == [dim, 4 * dim, 8 * dim]
+    assert all(torch.equal(a, maps[i]) for a, i in zip(got, (0, 2, 3)))
+
+
+def test_forward_intermediates_options_and_strict_pretrained_features(tmp_path):
+    """indices as the last n, stop_early (the deepest map taken is the final one), norm (the final BatchNorm, on
+    the last stage's map); features_only with pretrained=True from a local file: the weights load strictly into
+    the whole model, before the wrapper prunes it (a file with a key too few is refused)."""
+    torch.manual_seed(0)
+    model = randomize_(ours("mambavision_demo")).eval()
+    x = torch.randn(2, 3, 45, 71, generator=torch.Generator().manual_seed(5))
+    path = tmp_path / "weights.pth.tar"
+    torch.save(official_checkpoint(model), path)
+    getter = ours("mambavision_demo", features_only=True, out_indices=(1, 3), pretrained=True,
+                  pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert all(torch.equal(a, b) for a, b in zip(model.forward_intermediates(x, 2, intermediates_only=True), maps[2:]))
+        early, first = model.forward_intermediates(x, [0, 1], stop_early=True)
+        assert torch.equal(early, maps[1]) and all(torch.equal(a, b) for a, b in zip(first, maps[:2]))
+        assert torch.equal(model.forward_intermediates(x, [3], norm=True, intermediates_only=True)[0], final)
+        assert all(torch.equal(a, maps[i]) for a, i in zip(getter(x), (1, 3)))
+    sd = model.state_dict()
+    sd.pop("levels.3.blocks.1.mlp.fc2.bias")
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r"missing 1: levels\.3\.blocks\.1\.mlp\.fc2\.bias"):
+        ours("mambavision_demo", features_only=True, out_indices=(0, 1), pretrained=True,
+             pretrained_cfg_overlay=dict(file=str(path)))
+    with pytest.raises(CheckpointError, match="mambavision_demo has no released weights"):
+        ours("mambavision_demo", features_only=True, pretrained=True)
+
+
+def test_prune_intermediate_layers_keeps_the_names_and_drops_the_unused_downsample():
+    torch.manual_seed(0)
+    model = ours("mambavision_demo").eval()
+    before = model.state_dict()
+    x = torch.randn(1, 3, 45, 71)
+    with torch.no_grad():
+        _, maps = model.forward_intermediates(x)
+        assert model.prune_intermediate_layers((0, 1)) == [0, 1]
+        assert len(model.levels) == 2 and model.levels[1].downsample is None and model.levels[0].downsample is not None
+        assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.head, torch.nn.Identity)
+        assert model.num_features == 64
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # same names, same tensors
+        assert set(before) - set(model.state_dict()) >= {"levels.1.downsample.reduction.0.weight", "norm.weight"}
+        final, kept = model.forward_intermediates(x)
+        assert torch.equal(model.forward_features(x), maps[1]) and torch.equal(final, maps[1])
+        assert all(torch.equal(a, b) for a, b in zip(kept, maps[:2]))

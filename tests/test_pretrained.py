@@ -158,3 +158,27 @@ print('ok')
     assert res.returncode == 0, res.stderr
     assert "ok" in res.stdout
     assert "S: CheckpointError could not get mambavision_small_1k.pth.tar from Hugging Face repo nvidia/MambaVision-S-1K" in res.stdout
+
+
+def test_pretrained_for_another_class_count_loads_all_but_the_classifier_and_says_so(tmp_path, caplog):
+    """timm's idiom, create_model(name, pretrained=True, num_classes=N): everything but the classifier is loaded,
+    strictly, and one line says the classifier is new; for the weights' own class count the classifier loads too."""
+    torch.manual_seed(0)
+    source = timm.create_model("mambavision_demo").state_dict()
+    path = tmp_path / "w.pth"
+    torch.save(source, path)
+    with caplog.at_level("WARNING"):
+        model = timm.create_model("mambavision_demo", pretrained=True, num_classes=3,
+                                  pretrained_cfg_overlay=dict(file=str(path)))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"mambavision_demo: loaded {path} except its classifier (10 classes), which is new for 3 classes"]
+    got = model.state_dict()
+    assert got["head.weight"].shape == (3, 256) and not torch.equal(got["head.weight"][:3], source["head.weight"][:3])
+    assert all(torch.equal(got[k], v) for k, v in source.items() if not k.startswith("head."))
+    caplog.clear()
+    same = timm.create_model("mambavision_demo", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(same.state_dict()["head.weight"], source["head.weight"]) and not caplog.records
+    del source["levels.3.blocks.1.mlp.fc2.bias"]
+    torch.save(source, path)
+    with pytest.raises(CheckpointError, match=r"missing 1: levels\.3\.blocks\.1\.mlp\.fc2\.bias"):
+        timm.create_model("mambavision_demo", pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(file=str(path)))

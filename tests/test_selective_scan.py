@@ -128,6 +128,18 @@ def test_dispatch_and_switches(monkeypatch):
         resolve_impl("cuda", torch.device("cpu"))
 
 
+def test_deterministic_runs_never_take_the_kernel_that_adds_with_atomics(monkeypatch):
+    import importlib
+    scan = importlib.import_module("mambavision_train.ops.selective_scan")  # the package; its name is a function's too
+    monkeypatch.setattr(scan, "has_cuda_kernel", lambda: True)  # as on a GPU node with mamba-ssm's wheels
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    cuda = torch.device("cuda")
+    assert resolve_impl(None, cuda) == "cuda"
+    assert resolve_impl(None, cuda, deterministic=True) in ("triton", "torch")
+    with pytest.raises(RuntimeError, match="sums gradients with atomics, so it is not deterministic"):
+        resolve_impl("cuda", cuda, deterministic=True)
+
+
 def test_package_imports_with_broken_mamba_ssm(tmp_path):
     # A mamba_ssm / causal_conv1d that raise on import (as they do without their CUDA extension) must not matter.
     for name in ("mamba_ssm", "causal_conv1d", "selective_scan_cuda"):
@@ -141,6 +153,19 @@ def test_package_imports_with_broken_mamba_ssm(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "torch.Size([1, 10]) ['torch']" in res.stdout
+
+
+def test_the_cuda_kernel_is_found_by_its_extension_alone(tmp_path):
+    # mamba_ssm 2.3's package imports far more than the scan (Mamba2/3, tilelang, cutlass-dsl): an import error
+    # there must not hide the compiled scan extension, which is all we call.
+    (tmp_path / "mamba_ssm").mkdir()
+    (tmp_path / "mamba_ssm" / "__init__.py").write_text("raise ImportError('tilelang: broken on purpose')\n")
+    (tmp_path / "selective_scan_cuda.py").write_text("def fwd(*a): pass\ndef bwd(*a): pass\n")
+    code = ("from mambavision_train.ops.selective_scan.mamba_ssm_compat import has_cuda_kernel\n"
+            "print(has_cuda_kernel())\n")
+    res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.split() == ["True"], res.stderr
 
 
 def test_the_scan_is_one_operator_with_a_flop_formula():

@@ -3,6 +3,7 @@ an array job over two demo trainings, requeue and real preemption resuming to id
 staying cancelled, a Hydra multirun through submitit (one element requeued through submitit), two-node DDP
 requeued and resumed."""
 
+import json
 import os
 import re
 import subprocess
@@ -61,12 +62,34 @@ def wait_for(path: Path, pattern: str, timeout: float = 180, count: int = 1) -> 
     raise TimeoutError(f"{pattern!r} x{count} not in {path} after {timeout} s:\n{text[-3000:]}")
 
 
-def test_paper_table_array_job_trains_and_evaluates_two_demo_runs(cluster, job_env, tmp_path):
+def test_every_task_gets_the_cpus_of_its_allocation(cluster, job_env, tmp_path):
+    """launch.sh passes --cpus-per-task to srun (Slurm 22.05's release notes have srun stop reading it from sbatch),
+    and the cluster binds tasks to cores (TaskPlugin=task/affinity): each task runs on its own cpus-per-task CPUs.
+    The training process's thread count defaults to 1 on GPU tasks (the cores are the loader's), else to its CPUs."""
+    code = ("import os; print('task', os.environ['SLURM_PROCID'], sorted(os.sched_getaffinity(0)), "
+            "os.environ['OMP_NUM_THREADS'])")
+    env = {k: v for k, v in job_env.items() if k != "OMP_NUM_THREADS"}
+    jobs = {"two": cluster.sbatch("-w", "n1", "--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/two.out",
+                                  ROOT / "slurm/launch.sh", "-c", code, env=env),
+            "gpu": cluster.sbatch("-w", "n2", *ONE_TASK, f"--output={tmp_path}/gpu.out", ROOT / "slurm/launch.sh",
+                                  "-c", code, env=env)}
+    for name, jid in jobs.items():
+        assert cluster.wait(jid, 120)[0]["JobState"] == "COMPLETED", (tmp_path / f"{name}.out").read_text()
+    tasks = lambda name: sorted(re.findall(r"^task (\d) (\[.*\]) (\d+)$", (tmp_path / f"{name}.out").read_text(), re.M))
+    two = tasks("two")
+    assert [(rank, len(json.loads(cpus)), omp) for rank, cpus, omp in two] == [("0", 1, "1"), ("1", 1, "1")]
+    assert json.loads(two[0][1]) != json.loads(two[1][1])  # each on a core of its own
+    assert [(rank, len(json.loads(cpus)), omp) for rank, cpus, omp in tasks("gpu")] == [("0", 2, "1")]
+
+
+def test_paper_table_array_job_trains_and_evaluates_two_seeds_of_the_demo(cluster, job_env, tmp_path):
+    """paper_table.sbatch with SEEDS: one array element per (experiment, seed), each checked first (dry runs), trained,
+    evaluated into one table; the report has the seeds' mean and spread."""
     table = tmp_path / "table"
     jid = cluster.sbatch("--array=0-1", *ONE_TASK, f"--output={tmp_path}/%A_%a.out", ROOT / "slurm/paper_table.sbatch",
                          "epochs=1", "data.kind=folder", *QUIET,
                          env={**faults(job_env, HOLD_AT_STEPS=5, ONLY_WHERE="SLURM_ARRAY_TASK_ID=0"),
-                              "EXPERIMENTS": "demo demo", "TABLE_DIR": str(table),
+                              "EXPERIMENTS": "demo", "SEEDS": "31 32", "TABLE_DIR": str(table),
                               "EVAL_ARGS": "data=digits data.kind=folder model.img_size=32 progress=false"})
     # Element 0 hears its time limit coming mid-run: it checkpoints and requeues itself (its own job id).
     log0 = wait_for_glob(tmp_path, "*_0.out")
@@ -83,11 +106,47 @@ def test_paper_table_array_job_trains_and_evaluates_two_demo_runs(cluster, job_e
     rows = [r for r in (table / "table.md").read_text().splitlines() if r.startswith("| mambavision_demo |")]
     assert len(rows) == 2
     for i in range(2):
-        summary = final_state(table / f"{i}-demo")
+        summary = final_state(table / f"{i}-demo-seed{31 + i}")
         assert summary["state"]["epoch"] == 1 and summary["state"]["best_top1"] > 10.0
-        assert f"{i}-demo/checkpoints/ema_best.pth" in "".join(rows)
+        assert f"{i}-demo-seed{31 + i}/checkpoints/ema_best.pth" in "".join(rows)
+        assert f"seed: {31 + i}" in (table / f"{i}-demo-seed{31 + i}" / "config.yaml").read_text()
+    assert text0.count("ok: train.py would train mambavision_demo") == 1  # checked once, not again after the requeue
+    assert "ok: eval.py would evaluate mambavision_demo" in text0
     report = (table / "report" / "report.md").read_text()  # each element rewrote it after its eval
     assert "| mambavision_demo |" in report and (table / "report" / "reproduction.png").is_file()
+    assert re.search(r"^\| mambavision_demo \| demo \| 2 \| \d+\.\d\d ± \d+\.\d\d \|", report, re.M), report
+
+
+def test_the_paper_table_checks_its_evaluation_data_before_training(cluster, job_env, tmp_path):
+    """Submitted without IMAGENET_ROOT (or with a wrong one), an element stops at once with one line, before hours of
+    training; its log goes where the job was submitted from, from any folder."""
+    jid = cluster.sbatch("--array=0", *ONE_TASK, ROOT / "slurm/paper_table.sbatch", "data.kind=folder", *QUIET,
+                         env={**job_env, "EXPERIMENTS": "demo", "TABLE_DIR": str(tmp_path / "table"),
+                              "MV_ROOT": str(ROOT), "EVAL_ARGS": "data.root=/no/imagenet"}, cwd=tmp_path)
+    [job] = cluster.wait(jid, 120)
+    [log] = tmp_path.glob("slurm-mambavision-table-*_0.out")
+    errors = [ln for ln in log.read_text().splitlines() if ln.startswith("error:")]
+    assert job["JobState"] == "FAILED" and errors == [
+        "error: /no/imagenet/val not found: data.root must hold val/<class>/<image> folders; extract ImageNet's "
+        "archives with `python -m mambavision_train.data.imagenet_prep --archives DIR --out /path/to/imagenet` "
+        "(docs/data.md)"], log.read_text()[-2000:]
+    assert not (tmp_path / "table" / "0-demo").exists()  # nothing trained
+
+
+def test_the_smoke_job_trains_and_evaluates_the_demo_with_the_sites_environment(cluster, job_env, tmp_path):
+    """slurm/smoke.sbatch on one node, two tasks (DDP), after the site's environment hook (MV_ENV_SETUP)."""
+    hook = tmp_path / "mv_env.sh"
+    hook.write_text('echo "environment hook: module load would go here"\nexport MV_HOOK_RAN=yes\n')
+    jid = cluster.sbatch("--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", ROOT / "slurm/smoke.sbatch",
+                         "max_steps=3", env={**job_env, "MV_ENV_SETUP": str(hook), "MV_ROOT": str(ROOT),
+                                             "MAMBAVISION_RUNS": str(tmp_path / "runs")}, cwd=tmp_path)
+    [job] = cluster.wait(jid, 300)
+    [log] = tmp_path.glob("slurm-mambavision-smoke-*.out")
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED", text[-3000:]
+    assert text.index("environment hook: module load would go here") < text.index("ok: train.py would train")
+    assert "2 tasks x 1 CPUs" in text and re.search(r"^eval mambavision_demo top1 \S+ ", text, re.M), text[-2000:]
+    assert final_state(tmp_path / "runs" / f"smoke-{jid}")["world_size"] == 2
 
 
 def test_requeue_and_preemption_resume_to_identical_weights(cluster, job_env, tmp_path):
@@ -120,7 +179,8 @@ def test_requeue_and_preemption_resume_to_identical_weights(cluster, job_env, tm
         assert cluster.jobs(urgent)[0]["JobState"] == "COMPLETED"
         assert "stopped by SIGTERM after checkpointing (not requeued)" in text
         assert re.search(rf"stopped by SIGUSR1 after checkpointing \(requeued job {jid}\)", text), text[-3000:]
-        assert re.findall(r"^resumed from .*global step (\d+)$", text, re.M) == ["5", "8"], text[-3000:]
+        # Held after steps 5 and 8: the signal reaches every rank in the next step's verdict.
+        assert re.findall(r"^resumed from .*global step (\d+)$", text, re.M) == ["6", "9"], text[-3000:]
         assert "val epoch 0" in text
 
         [c] = cluster.wait(cid, 60)
@@ -129,7 +189,7 @@ def test_requeue_and_preemption_resume_to_identical_weights(cluster, job_env, tm
         ctext = cancelled_out.read_text()
         assert c["JobState"] == "CANCELLED" and c["Restarts"] == "0", ctext[-2000:]
         assert "stopped by SIGTERM after checkpointing (not requeued)" in ctext
-        assert final_state(tmp_path / "cancelled")["state"]["global_step"] == 3
+        assert final_state(tmp_path / "cancelled")["state"]["global_step"] == 4
         assert whole.wait(timeout=300) == 0, (tmp_path / "whole.out").read_text()[-3000:]
     finally:
         whole.kill()
@@ -166,7 +226,7 @@ def test_hydra_multirun_through_submitit_is_an_array_and_resumes_after_requeue(c
 
 def test_two_node_ddp_survives_a_requeue_bit_exactly(cluster, job_env, tmp_path):
     """train_multinode.sbatch over the two emulated nodes (srun -N2, gloo, MASTER_ADDR from the first node's
-    NodeAddr), DDP with SyncBN: USR1 reaches both ranks after step 2, they stop at the same step, rank 0 requeues the
+    NodeAddr), DDP with SyncBN: USR1 reaches both ranks after step 2, they stop after step 3, rank 0 requeues the
     job, both nodes resume; the weights after 4 steps equal those of 2 processes run uninterrupted by torchrun.
     (That DDP equals one process at the global batch is tests/test_distributed.py's.)"""
     steps = [*ONE_STEP, "dist.sync_bn=true", "batch_size=32", "micro_batch_size=16", "max_steps=4", "log_every=1"]
@@ -200,5 +260,5 @@ def test_a_slow_save_on_rank_0_is_not_cut_short_by_the_other_ranks_exit(cluster,
     text = out.read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text[-3000:]
     assert "fault: saving slowly (5 s)" in text and text.count("received SIGUSR1") == 2, text[-3000:]
-    assert re.search(r"resumed from .*global step 2$", text, re.M), text[-3000:]
+    assert re.search(r"resumed from .*global step 3$", text, re.M), text[-3000:]
     assert final_state(tmp_path / "run")["state"]["global_step"] == 6

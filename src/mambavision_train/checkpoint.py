@@ -10,8 +10,9 @@ container of those: it loads with ``torch.load(weights_only=True)``.
 
 Under FSDP2 the model, EMA and optimizer are saved sharded with torch.distributed.checkpoint (each rank writes its
 shards) into a fresh directory that is renamed into place; ``last.dcp`` / ``previous.dcp`` / ``best.dcp`` are
-symlinks swapped atomically onto it. The EMA weights are also exported in full (``ema_last.pth``), loadable by the
-plain model. Resuming a sharded checkpoint reads torch.distributed.checkpoint's metadata, which is pickled: resume
+symlinks swapped atomically onto it. The EMA weights are also exported in full (``ema_last.pth``, ``ema_best.pth``:
+``{"state_dict": the weights with the official names, "classes": the class map, "model": the variant}``, the layout
+of the official and timm checkpoints, which their loaders read), on the CPU, loadable by the plain model. Resuming a sharded checkpoint reads torch.distributed.checkpoint's metadata, which is pickled: resume
 only your own sharded checkpoints (docs/training.md).
 """
 
@@ -144,8 +145,10 @@ class RunCheckpoints:
     EMA and optimizer come from the objects themselves."""
 
     def __init__(self, run_dir, model, ema, optimizer, is_main: bool, sharded: bool, keep_last_n: int = 3,
-                 device="cpu"):
+                 device="cpu", export: dict | None = None):
+        """export: what the exported EMA files carry besides the weights (class map, variant)."""
         self.dir = Path(run_dir) / "checkpoints"
+        self.export = export or {}
         self.model, self.ema, self.optimizer, self.is_main, self.sharded = model, ema, optimizer, is_main, sharded
         self.keep_last_n, self.device = keep_last_n, device
         if is_main:
@@ -166,7 +169,7 @@ class RunCheckpoints:
             (self._save_sharded if self.sharded else self._save_file)(meta, names)
             ema_full = self._ema_full_state()  # collective under FSDP2
             if self.is_main and ema_full is not None:
-                atomic_save(ema_full, self.dir / "ema_last.pth")
+                atomic_save({"state_dict": ema_full, **self.export}, self.dir / "ema_last.pth")
                 if best:
                     atomic_copy(self.dir / "ema_last.pth", self.dir / "ema_best.pth")
             if self.is_main and tag:
@@ -232,8 +235,8 @@ class RunCheckpoints:
     def _ema_full_state(self):
         if not self.ema:
             return None
-        if not self.sharded:
-            return self.ema.state_dict() if self.is_main else None
+        if not self.sharded:  # on the CPU: a file of CUDA tensors does not load on a machine without a GPU
+            return {k: v.cpu() for k, v in self.ema.state_dict().items()} if self.is_main else None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(self.ema.module, options=StateDictOptions(full_state_dict=True,
                                                                               cpu_offload=True))

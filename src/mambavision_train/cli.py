@@ -23,6 +23,11 @@ def entry(hydra_main):
     from omegaconf.errors import OmegaConfBaseException
 
     from .config import register
+    from .preflight import torch_problem
+    problem = torch_problem()
+    if problem:
+        say(f"error: {problem}")
+        sys.exit(2)
     register()
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:

@@ -28,7 +28,7 @@ class Choice(str, Enum):
 
 
 class Amp(Choice):
-    auto = "auto"  # bf16 on CUDA, fp32 on the CPU
+    auto = "auto"  # bf16 on GPUs with native bf16, else fp16; fp32 on the CPU
     bf16 = "bf16"
     fp16 = "fp16"  # with a GradScaler
     fp32 = "fp32"
@@ -129,6 +129,7 @@ class LoggerConfig:
 class EmaConfig:
     enabled: bool = True
     decay: float = 0.9998
+    warmup: bool = False  # timm ModelEmaV3's warm-up: decay min(decay, 1 - step^-2/3), for short runs
 
 
 @dataclass
@@ -168,6 +169,8 @@ class TrainConfig:
     micro_batch_size: int = 128  # per device per forward; accumulation = batch_size / (micro_batch_size x GPUs)
     eval_batch_size: Optional[int] = None  # default: micro_batch_size
     amp: Amp = Amp.auto
+    deterministic: bool = False  # CUDA: deterministic kernels, so a resume is bit-exact there too (slower); false:
+    # cuDNN picks its fastest kernels. The CPU is always deterministic.
     channels_last: bool = True
     compile: bool = False
     clip_grad: Optional[float] = 5.0  # global grad-norm clipping; null: off
@@ -178,6 +181,7 @@ class TrainConfig:
     log_every: int = 50
     progress: bool = True  # tqdm bar with img/s and ETA (rank 0)
     max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke tests)
+    dry_run: bool = False  # check the request, its data and its run_dir, say what would run, and exit
 
 
 @dataclass
@@ -194,6 +198,10 @@ class EvalConfig:
     device: str = "auto"
     channels_last: bool = True
     table: Optional[str] = None  # append a row to this markdown file (the reproduction table)
+    dry_run: bool = False  # check the request and its validation data, say what would run, and exit
+    topk: int = 5  # also report top-k accuracy for this k (top-1 and top-5 are always reported)
+    out_dir: Optional[str] = None  # per_class.csv, confusion.csv/png; null: beside `table` (<table>_<model>_<weights>/)
+    # when there is one, else not written (balanced accuracy is printed either way)
     progress: bool = True
 
 
@@ -233,10 +241,13 @@ def _choice(key: str, value, choices, what: str = ""):
         raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
 
 
-def check_device(device: str):
+def check_device(device: str, world_size: int = 1):
     import torch
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ConfigError(f"device={device!r} is not one of: auto, cpu, cuda, cuda:N")
+    if ":" in device and world_size > 1:  # every rank on the same GPU: NCCL refuses it ("duplicate GPU")
+        raise ConfigError(f"device={device} with {world_size} processes would put every rank on one GPU; use "
+                          f"device=auto or cuda (each rank takes the GPU of its local rank)")
     if device.startswith("cuda"):
         count = torch.cuda.device_count()
         index = int(device.split(":")[1]) if ":" in device else 0
@@ -276,7 +287,7 @@ def check_scan(cfg):
     from .ops.selective_scan import resolve_impl
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
     try:
-        resolve_impl(cfg.model.scan_impl, torch.device(device))
+        resolve_impl(cfg.model.scan_impl, torch.device(device), deterministic=bool(cfg.get("deterministic")))
     except (RuntimeError, ValueError) as e:
         raise ConfigError(f"model.scan_impl={cfg.model.scan_impl}: {e}") from None
 
@@ -306,7 +317,7 @@ def validate_train(cfg, world_size: int) -> int:
     check_schema(TrainConfig, cfg)
     check_model(cfg)
     check_data(cfg)
-    check_device(cfg.device)
+    check_device(cfg.device, world_size)
     check_scan(cfg)
     check_source("init_from", cfg.init_from)
     check_run_root(cfg)
@@ -331,9 +342,6 @@ def validate_train(cfg, world_size: int) -> int:
     _choice("aug.train_interpolation", cfg.aug.train_interpolation, ("random", "bilinear", "bicubic", "nearest"))
     if cfg.sched.warmup_epochs > cfg.epochs:
         raise ConfigError(f"sched.warmup_epochs={cfg.sched.warmup_epochs} is longer than epochs={cfg.epochs}")
-    if cfg.dist.kind == DistKind.fsdp and cfg.amp == Amp.fp16:
-        raise ConfigError("amp=fp16 with dist=fsdp is not supported (GradScaler does not see other ranks' shards); "
-                          "use amp=bf16")
     if cfg.dist.kind == DistKind.none and world_size > 1:
         raise ConfigError(f"dist=none with {world_size} processes would train {world_size} independent models; use "
                           f"dist=ddp or dist=fsdp")
@@ -348,11 +356,12 @@ def validate_train(cfg, world_size: int) -> int:
     return cfg.batch_size // per_step
 
 
-def validate_eval(cfg):
+def validate_eval(cfg, world_size: int = 1):
     check_schema(EvalConfig, cfg)
     check_model(cfg)
     check_data(cfg)
-    check_device(cfg.device)
+    check_device(cfg.device, world_size)
     check_scan(cfg)
     check_source("checkpoint", cfg.checkpoint)
     _in(cfg, "batch_size", 1)
+    _in(cfg, "topk", 1)

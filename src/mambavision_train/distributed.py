@@ -60,8 +60,19 @@ def slurm_rendezvous(environ: Mapping[str, str] | None = None) -> str:
         addr = env["MASTER_ADDR"]
     else:
         addr = first_node_address(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-    port = env.get("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+    port = env.get("MASTER_PORT", str(job_port(int(env.get("SLURM_JOB_ID", "0")))))
     return f"tcp://{addr}:{port}"
+
+
+# Rendezvous ports derived from the job id: below Linux's ephemeral range (32768-60999, where the kernel picks the
+# ports of outgoing connections) and above the well-known services. Two jobs on one node get the same port only if
+# their ids differ by a multiple of the range's size, so jobs fewer than ~20,000 ids apart never share one (the
+# earlier 29500 + id % 1000 made jobs 1000 apart collide on shared nodes).
+PORT_BASE, PORT_RANGE = 12000, 20000
+
+
+def job_port(job_id: int) -> int:
+    return PORT_BASE + job_id % PORT_RANGE
 
 
 def first_node_address(nodelist: str) -> str:
@@ -83,11 +94,28 @@ def env_world_size() -> int:
     return launch_env().world_size
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    launch = launch_env()
+def pick_device(device: str, local_rank: int) -> torch.device:
+    """The device of this process: ``device`` as given (cpu, cuda:N), or for auto/cuda the GPU of its local rank
+    among those it can see. Sites that bind one GPU per task (``--gpus-per-task``, ``--gpu-bind``) show each process
+    a single GPU, which is then ``cuda:0`` whatever the local rank."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(f"cuda:{launch.local_rank}") if device == "cuda" else torch.device(device)
+    if device != "cuda":
+        return torch.device(device)
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda:0")
+    if local_rank >= visible:
+        from .config import ConfigError
+        raise ConfigError(f"local rank {local_rank} has no GPU of its own: this process sees {visible} GPU(s) "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one process "
+                          f"per GPU (--ntasks-per-node = --gpus-per-node)")
+    return torch.device(f"cuda:{local_rank}")
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    launch = launch_env()
+    dev = pick_device(device, launch.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if launch.world_size > 1 and not dist.is_initialized():

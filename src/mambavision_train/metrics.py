@@ -12,7 +12,9 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir, cfg, enabled: bool, config: dict, run_id: str | None = None, name: str = "run"):
+    def __init__(self, run_dir, cfg, enabled: bool, config: dict, run_id: str | None = None, name: str = "run",
+                 log=print):
+        """log: where the one line goes when online logging falls back to offline (the run's RunLog)."""
         self.enabled = enabled
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.jsonl = Path(run_dir) / "metrics.jsonl"
@@ -23,9 +25,23 @@ class MetricsLogger:
         if cfg.mode != "disabled":
             import wandb
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(project=cfg.project, entity=cfg.get("entity"), name=name, id=self.run_id,
-                                    resume="allow", mode=cfg.mode, dir=str(run_dir), config=config,
-                                    settings=wandb.Settings(init_timeout=120))
+            start = lambda mode: wandb.init(project=cfg.project, entity=cfg.get("entity"), name=name, id=self.run_id,
+                                            resume="allow", mode=mode, dir=str(run_dir), config=config,
+                                            settings=wandb.Settings(init_timeout=120))
+            mode, why = str(cfg.mode), None
+            if mode == "online":  # compute nodes often have no route out: find out in seconds, not init_timeout's 120
+                why = unreachable(os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url)
+            if why is None and mode == "online":
+                try:
+                    self.wandb = start("online")
+                except Exception as e:  # noqa: BLE001  (wandb's errors: CommError, UsageError, AuthenticationError...)
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            if why is not None:
+                log(f"warning: W&B online logging is not possible here ({why}); logging offline instead: upload "
+                    f"later with `wandb sync {Path(run_dir) / 'wandb'}/offline-run-*`")
+                mode = "offline"
+            if self.wandb is None:
+                self.wandb = start(mode)
 
     def log(self, metrics: dict, step: int):
         if not self.enabled:
@@ -44,6 +60,20 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why the W&B server at ``url`` cannot be reached (no route, refused, no name), or None when it answers a TCP
+    connection: a check of seconds."""
+    import socket
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{u.hostname}:{port} unreachable: {e.strerror or type(e).__name__}"
+    return None
 
 
 class Throughput:

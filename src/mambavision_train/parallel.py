@@ -4,7 +4,10 @@ FSDP2 shards every block (and the rest at the root) with ``fully_shard``. The st
 attention, LayerNorm only) gather their parameters in the AMP dtype and reduce gradients in fp32 through a
 MixedPrecisionPolicy; the convolutional stages keep fp32 parameters because BatchNorm's running statistics stay fp32
 and the CUDA kernel refuses low-precision weights next to them (autocast still runs their convolutions in AMP). The
-EMA copy is sharded the same way, so each rank averages only its own shard.
+Mamba mixers are units of their own with fp32 parameters: the SSM parameters (A_log, D, the dt bias) enter the scan
+in fp32, as they do under DDP with autocast; gathered in bf16 they would be rounded before the mixer's ``.float()``
+(autocast still runs the mixer's projections in the AMP dtype). The EMA copy is sharded the same way, so each rank
+averages only its own shard.
 """
 
 from __future__ import annotations
@@ -41,9 +44,12 @@ def parallelize(model: nn.Module, ema_module: nn.Module | None, cfg, info: DistI
 
 def shard_like_fsdp(model: nn.Module, param_dtype: torch.dtype | None, reshard_after_forward: bool = True):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from .models.mambavision import Block, ConvBlock
+    from .models.mambavision import Block, ConvBlock, MambaVisionMixer
 
     low = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for module in model.modules():  # inner units first: a unit manages the parameters no inner unit took
+        if isinstance(module, MambaVisionMixer):
+            fully_shard(module, reshard_after_forward=reshard_after_forward)
     for module in model.modules():
         if isinstance(module, Block):
             fully_shard(module, mp_policy=low, reshard_after_forward=reshard_after_forward)
@@ -66,7 +72,8 @@ def grad_sync(wrapped: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def clip_grad_norm(params, max_norm: float | None) -> float:
-    """Global gradient norm (clipped to max_norm when set); with FSDP2 the norm is a DTensor over the shards."""
+def clip_grad_norm(params, max_norm: float | None) -> torch.Tensor:
+    """Global gradient norm (clipped to max_norm when set), as a tensor on the device: reading it is the caller's
+    choice (a host-device sync). With FSDP2 the norm is a DTensor over the shards, made whole here."""
     norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm if max_norm else float("inf"))
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

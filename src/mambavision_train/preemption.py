@@ -10,8 +10,9 @@ Signals (every rank receives them from srun):
   without requeueing: a cancelled job must stay cancelled, and Slurm itself requeues jobs it preempts when the
   partition has ``PreemptMode=REQUEUE`` (or that were requeued with scontrol).
 
-Ranks may see a signal at different steps, so the decision to stop is all-reduced after every step: all ranks
-stop at the same step and write the same checkpoint.
+Ranks may see a signal at different steps, so the decision to stop is all-reduced in every step, in the same
+reduction as the step's finiteness verdict (engine/trainer.py): all ranks stop after the same step (the one whose
+verdict first carried the signal) and write the same checkpoint.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class StopSignals:
             if self.log is not None:
                 self.log(line, console=False)
         self.received = max(self.received, PRIORITY[signum])
+
+    @staticmethod
+    def signal(level: int) -> signal.Signals | None:
+        """The signal a stop level stands for (the level all ranks reduced to), or None to go on."""
+        return BY_PRIORITY.get(level)
 
     def requested(self) -> signal.Signals | None:
         """The signal all ranks stop on, or None to go on. Collective under torch.distributed."""

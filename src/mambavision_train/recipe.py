@@ -18,7 +18,7 @@ RECIPE_KEYS = (
     "optim.name", "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "optim.layer_decay",
     "sched.warmup_epochs", "sched.warmup_lr", "sched.min_lr", "sched.cooldown_epochs",
     "epochs", "batch_size", "micro_batch_size", "clip_grad", "seed", "amp",
-    "ema.enabled", "ema.decay", "mesa.weight", "mesa.start_ratio", "data.num_classes",
+    "ema.enabled", "ema.decay", "ema.warmup", "mesa.weight", "mesa.start_ratio", "data.num_classes",
 )
 
 
@@ -55,7 +55,8 @@ def differences(cfg, paper) -> list[tuple[str, object, object]]:
     return out
 
 
-def describe(cfg, *, world_size: int, accumulation: int, amp: str, device: str, paper) -> list[tuple[str, str]]:
+def describe(cfg, *, world_size: int, accumulation: int, amp: str, device: str, paper,
+             scan: str = "auto") -> list[tuple[str, str]]:
     """The recipe as (setting, value) rows, the last one the comparison with the paper."""
     m, o, s, a, d = cfg.model, cfg.optim, cfg.sched, cfg.aug, cfg.data
     on = lambda flag, text: text if flag else "off"
@@ -68,9 +69,12 @@ def describe(cfg, *, world_size: int, accumulation: int, amp: str, device: str, 
                      f"{s.warmup_epochs} epochs from {s.warmup_lr:g}"),
         ("batch", f"{cfg.batch_size} per step = {cfg.micro_batch_size} per device x {world_size} device(s) x "
                   f"{accumulation} accumulation"),
-        ("EMA", on(cfg.ema.enabled, f"decay {cfg.ema.decay:g} (timm ModelEmaV2), selects best.pth.tar")),
+        ("EMA", on(cfg.ema.enabled, f"decay {cfg.ema.decay:g} (timm ModelEmaV2"
+                                    f"{', with ModelEmaV3 warm-up' if cfg.ema.warmup else ''}), selects best.pth.tar")),
         ("MESA", on(cfg.mesa.weight > 0, f"weight {cfg.mesa.weight:g} after {cfg.mesa.start_ratio:.0%} of the epochs")),
         ("AMP", f"{cfg.amp} -> {amp} on {device}"),
+        ("numerics", f"selective scan {cfg.model.scan_impl or 'auto'} -> {scan}; deterministic "
+                     f"{'on' if cfg.deterministic else 'off'}"),
         ("augmentation", f"crop scale {list(a.scale)}, flip {a.hflip:g}, RandAugment {a.rand_augment or 'off'}, "
                          f"jitter {a.color_jitter:g}{'' if a.force_color_jitter or not a.rand_augment else ' (off under RandAugment)'}, "
                          f"Mixup {a.mixup:g} / CutMix {a.cutmix:g} (prob {a.mixup_prob:g}), erasing {a.reprob:g} "

@@ -146,6 +146,41 @@ def eval_markdown(rows: list[dict]) -> list[str]:
                     "![top-1 against the paper](reproduction.png)", ""]
 
 
+# What counts as reproduced (docs/reproduce.md): the mean over seeds within this many points of the paper's top-1,
+# about twice the run-to-run spread reported for the official code (0.1-0.2 points, NVlabs/MambaVision #57).
+REPRODUCED_WITHIN = 0.3
+
+
+def seed_groups(rows: list[dict]) -> dict:
+    """Rows of the same model trained with several seeds (paper_table.sbatch's SEEDS: run directories
+    ``<i>-<experiment>-seed<s>``), by (model, experiment); a group needs two rows or more."""
+    import re
+    groups = {}
+    for r in rows:
+        run = re.search(r"(?:^|/)(\d+-)?([^/]+)-seed\d+/checkpoints/", r["weights"])
+        if run:
+            groups.setdefault((r["model"], run.group(2)), []).append(r)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def seeds_markdown(groups: dict) -> list[str]:
+    import statistics
+    lines = ["## Seeds", "", "| model | experiment | seeds | top-1 mean ± std | spread (max - min) | paper top-1 | "
+             "mean - paper | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for (model, experiment), rs in groups.items():
+        top1 = [r["top1"] for r in rs]
+        mean, std, paper = statistics.mean(top1), statistics.stdev(top1), rs[0]["paper_top1"]
+        if paper is None:
+            verdict, diff = "-", None
+        else:
+            diff = mean - paper
+            verdict = "reproduced" if abs(diff) <= REPRODUCED_WITHIN else "above" if diff > 0 else "not reproduced"
+        lines.append(f"| {model} | {experiment} | {len(rs)} | {mean:.2f} ± {std:.2f} | {max(top1) - min(top1):.2f} | "
+                     f"{fmt(paper)} | {fmt(diff, '+.2f')} | {verdict} |")
+    return lines + ["", f"Reproduced: the mean over seeds within {REPRODUCED_WITHIN} points of the paper (docs/"
+                        f"reproduce.md says why); std is the sample standard deviation over the seeds.", ""]
+
+
 def bar_chart(rows: list[dict], path: Path):
     """reproduction.png: ours next to the paper per model, and the difference on its own zero-based axis (a bar
     chart of two close top-1 values shows the gap only on a cut axis)."""
@@ -198,6 +233,9 @@ def write(paths: list[str], out: Path) -> Path:
     if rows:
         bar_chart(rows, out / "reproduction.png")
         lines += eval_markdown(rows)
+        groups = seed_groups(rows)
+        if groups:
+            lines += seeds_markdown(groups)
     report = out / "report.md"
     tmp = curves.aside(report)
     tmp.write_text("\n".join(lines).rstrip() + "\n")

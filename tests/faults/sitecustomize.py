@@ -7,8 +7,8 @@ Each fault is an environment variable:
                                  finite and its gradient is inf instead
   MV_FAULT_SLOW_SAVE=SECONDS     rank 0 waits this long inside every checkpoint save, before writing
   MV_FAULT_HOLD_AT_STEPS=N[,M..] after logging global step N, each rank waits (at most 2 minutes) until it receives
-                                 a stop signal, which it then acts on at that step: a test signals a run at a known
-                                 step without racing it
+                                 a stop signal, which the next step's verdict carries to every rank: the run stops
+                                 after step N + 1, so a test signals a run at a known step without racing it
   MV_FAULT_ONLY_WHERE=VAR=VALUE  inject the faults only in processes whose environment has VAR=VALUE (one element
                                  of an array job: SLURM_ARRAY_TASK_ID=0)
 """

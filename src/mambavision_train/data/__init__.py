@@ -1,8 +1,8 @@
 """Data: ImageNet-style folders -> FFCV files; loaders (FFCV, ImageFolder fallback, synthetic); device-side
 augmentation. One interface: ``build_loader(data_cfg, aug_cfg, ...)`` -> (loader, device_augment).
 
-Every loader yields (uint8 images (B, 3, H, W), int64 labels), has ``set_epoch(epoch, start_batch=0)`` and
-``len()``, and reads only its rank's shard, in an order fixed by (seed, epoch).
+Every loader yields (uint8 images (B, 3, H, W), int64 labels), has ``set_epoch(epoch, start_batch=0)``, ``len()``
+and ``res`` (H = W), and reads only its rank's shard, in an order fixed by (seed, epoch).
 """
 
 from __future__ import annotations
@@ -98,15 +98,40 @@ def _locate(cfg: DataConfig, split: str) -> Path | None:
     path = Path(cfg.folder_root or root).expanduser() / split
     if not path.is_dir():
         raise DataError(f"{path} not found: data.root must hold {split}/<class>/<image> folders; {HOW_TO_EXTRACT}")
-    from torchvision.datasets.folder import find_classes
-    try:
-        classes = len(find_classes(str(path))[0])  # one directory listing; ImageFolder's label is the folder's rank
-    except FileNotFoundError:
-        raise DataError(f"{path} has no class folders: data.root must hold {split}/<class>/<image> folders") from None
+    from .classes import folder_classes
+    classes = len(folder_classes(path))  # one directory listing
+    if not classes:
+        raise DataError(f"{path} has no class folders: data.root must hold {split}/<class>/<image> folders")
     if classes > cfg.num_classes:
         raise DataError(f"{path} has {classes} class folders but data.num_classes={cfg.num_classes}; set "
                         f"data.num_classes={classes}")
     return path
+
+
+def num_images(cfg: DataConfig, split: str) -> int:
+    """How many images a split holds (what its .beton's header or its folders list; no image is read)."""
+    path = _locate(cfg, split)
+    if cfg.kind == "ffcv":
+        from .ffcv_loader import beton_reader
+        return int(beton_reader(path).num_samples)
+    if cfg.kind == "folder":
+        from .classes import scan_tree
+        return len(scan_tree(path)[1])
+    return cfg.num_samples
+
+
+def class_map(cfg: DataConfig) -> list[str] | None:
+    """The training data's class names in label order (None when it has none: synthetic data, a .beton without the
+    converter's classes.json). Image folders: the train split's class folders, which the val split must match."""
+    from .classes import beton_classes, check_same_classes, folder_classes
+    if cfg.kind == "ffcv":
+        return beton_classes(Path(cfg.root).expanduser())
+    if cfg.kind != "folder":
+        return None
+    train, val = (Path(cfg.folder_root or cfg.root).expanduser() / s for s in (cfg.train_split, cfg.val_split))
+    classes = folder_classes(train)
+    check_same_classes(classes, folder_classes(val), train, val)
+    return classes
 
 
 def _check_labels(path: Path, labels: int, num_classes: int):
@@ -118,8 +143,9 @@ def _check_labels(path: Path, labels: int, num_classes: int):
 def build_loader(cfg: DataConfig, aug: AugConfig | None, *, train: bool, batch_size: int, res: int,
                  crop_pct: float = 1.0, crop_mode: str = "center", interpolation: str = "bicubic",
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), seed: int = 0, shard: Shard = Shard(),
-                 device="cpu"):
-    """A loader for the train or val split and the DeviceAugment that finishes its batches on ``device``."""
+                 device="cpu", classes: list[str] | None = None):
+    """A loader for the train or val split and the DeviceAugment that finishes its batches on ``device``.
+    ``classes``: the class map labels must follow (the model's); image folders are labelled by name through it."""
     aug = aug or AugConfig()
     # The checks of check(), but a .beton's tables are read once, for its label check and the loader together
     # (the trainer has already run check() to fail before anything is built; eval.py relies on this one).
@@ -127,21 +153,32 @@ def build_loader(cfg: DataConfig, aug: AugConfig | None, *, train: bool, batch_s
     common = dict(train=train, batch_size=batch_size, res=res, seed=seed, shard=shard)
     cpu_done: tuple = ()
     if cfg.kind == "ffcv":
+        from .classes import beton_classes, few
         from .ffcv_loader import FFCVLoader, beton_reader, num_labels
+        own = beton_classes(path.parent)
+        if classes is not None and own is not None and list(own) != list(classes):
+            raise DataError(f"{path.parent / 'classes.json'} labels other classes than the model's class map "
+                            f"({few(own, 4)} vs {few(classes, 4)}): FFCV files keep the labels they were written "
+                            f"with; evaluate the image folders (data.kind=folder) to match them by name")
         reader = beton_reader(path)
         _check_labels(path, num_labels(reader), cfg.num_classes)
         loader = FFCVLoader(path, crop_pct=crop_pct, crop_mode=crop_mode, scale=tuple(aug.scale),
                             ratio=tuple(aug.ratio), hflip=aug.hflip, num_workers=cfg.num_workers,
-                            os_cache=cfg.os_cache, reader=reader, **common)
+                            os_cache=cfg.os_cache, reader=reader, device=device, **common)
     elif cfg.kind == "folder":
+        from .classes import check_known, folder_classes
         from .folder_loader import FolderLoader
+        if classes is not None:
+            check_known(folder_classes(path), classes, path)
         loader = FolderLoader(path, aug=aug, crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation,
-                              num_workers=cfg.num_workers, **common)
+                              num_workers=cfg.num_workers, classes=classes, **common)
         cpu_done = ("rand_augment", "color_jitter")  # timm's PIL transforms did them per sample
     else:
         from .synthetic import SyntheticLoader
         loader = SyntheticLoader(num_classes=cfg.num_classes, num_samples=cfg.num_samples, **common)
-    return loader, DeviceAugment(aug, cfg.num_classes, mean, std, device, train=train, cpu_done=cpu_done)
+    return loader, DeviceAugment(aug, cfg.num_classes, mean, std, device, train=train, cpu_done=cpu_done,
+                                 reused_buffers=cfg.kind == "ffcv")
 
 
-__all__ = ["DataConfig", "AugConfig", "DataError", "DeviceAugment", "Shard", "build_loader", "check", "from_config"]
+__all__ = ["DataConfig", "AugConfig", "DataError", "DeviceAugment", "Shard", "build_loader", "check", "class_map",
+           "from_config", "num_images"]

@@ -8,6 +8,14 @@ Mixup/CutMix are timm's own classes; RandAugment is ``randaugment.py`` (timm's o
 
 One difference from FastCollateMixup: it mixes uint8 images and rounds the result to integers; we mix floats
 (at most half a grey level apart, before normalisation).
+
+No step reads a value back from the device or sizes a tensor by its values, so the host never waits for the GPU
+here (tests/test_augment_syncs.py counts none for the paper recipe): RandAugment is written so (randaugment.py),
+colour jitter and normalisation are elementwise; timm's Mixup in batch mode draws its lambda and box with numpy on
+the host and slices; timm's RandomErasing draws boxes with Python's random and erases image by image in a Python
+loop, about two small kernels per erased image. (Mixup's 'elem' and 'pair' modes copy their per-sample lambdas to
+the device with a blocking copy: one wait per batch. The batch itself comes over with non_blocking=True, which
+overlaps with the device's work only from pinned memory.)
 """
 
 from __future__ import annotations
@@ -50,8 +58,13 @@ class DeviceAugment:
     loader already did per sample on the CPU (the fallback loader runs timm's PIL RandAugment)."""
 
     def __init__(self, cfg: AugConfig | None, num_classes: int, mean, std, device, train: bool = True,
-                 cpu_done: tuple = ()):
+                 cpu_done: tuple = (), reused_buffers: bool = False):
         self.cfg, self.train, self.device = cfg or AugConfig(), train, torch.device(device)
+        # FFCV hands out views of pinned buffers that its thread refills a few batches later, with CPU writes its
+        # CUDA events do not order: an asynchronous copy still queued behind the previous step would read the next
+        # batch's pixels. Copied first into a fresh pinned tensor, which PyTorch's caching host allocator keeps until
+        # the copy has run, the transfer stays asynchronous without a host-device sync. (Only a GPU shows the race.)
+        self.stage = reused_buffers and self.device.type == "cuda"
         c = self.cfg
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
@@ -65,6 +78,8 @@ class DeviceAugment:
                            num_classes=num_classes) if (train and (c.mixup > 0 or c.cutmix > 0) and c.mixup_prob > 0) else None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        if self.stage:
+            images = torch.empty_like(images, pin_memory=True).copy_(images)
         x = images.to(self.device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
         y = labels.to(self.device, non_blocking=True)
         if self.ra is not None:

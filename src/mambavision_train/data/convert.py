@@ -31,6 +31,8 @@ import psutil
 from tqdm import tqdm
 
 from . import FFCV_EXTRA, ffcv_installed
+from .classes import scan_tree
+from .classes import write as write_classes
 from .images import BadImage, load_rgb
 
 
@@ -54,21 +56,6 @@ class ConvertOptions:
 
 class ConversionError(RuntimeError):
     pass
-
-
-def scan_tree(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes and (path, label) pairs in torchvision ImageFolder's order, less hidden folders and files: ImageFolder
-    would make ``.ipynb_checkpoints`` a class, and take a checkpoint copy or a macOS ``._x.JPEG`` for an image."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
-    split_dir = os.path.expanduser(split_dir)  # as make_dataset does, so that the prefix below matches its paths
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
-    root = len(split_dir)
-
-    def visible_image(path: str) -> bool:
-        return has_file_allowed_extension(path, IMG_EXTENSIONS) and os.sep + "." not in path[root:]
-
-    return classes, make_dataset(split_dir, {c: i for i, c in enumerate(classes)}, is_valid_file=visible_image,
-                                 allow_empty=True)
 
 
 def _check(args):
@@ -240,8 +227,7 @@ def convert(src, out, splits=("train", "val"), opts: ConvertOptions | None = Non
     for r in results[1:]:
         if r["classes"] != classes:
             raise ConversionError(f"{r['split']} has other class folders than {results[0]['split']}")
-    (out / "classes.json").write_text(json.dumps({"classes": classes,
-                                                  "class_to_idx": {c: i for i, c in enumerate(classes)}}, indent=1))
+    write_classes(classes, out / "classes.json")
     return results
 
 

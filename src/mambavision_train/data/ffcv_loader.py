@@ -7,8 +7,11 @@ ToTorchImage (ffcv issues #350, #396), and uint8 is the cheapest thing to move t
 
 from __future__ import annotations
 
+import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import Loader
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline.compiler import Compiler
 from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import Squeeze, ToTensor
@@ -44,6 +47,42 @@ class _ShardOrder(TraversalOrder):
                             drop_last=o.train, start_batch=o.start_batch)
 
 
+class _OnTheRanksGPU(EpochIterator):
+    """FFCV's loader thread, started on this process's GPU.
+
+    With CUDA available FFCV wraps each batch in a CUDA stream context of its own (a module constant read at import
+    decides it; our pipeline puts nothing on the device, but FFCV cannot be told without patching it for the whole
+    process). A new thread's current CUDA device is 0, and leaving that context makes it current: every rank's loader
+    thread would open a context on GPU 0 (~0.5 GB each; FFCV issues #114, #210), and rank 0's GPU runs out of memory
+    first on L/L2. Made current first, the rank's own device is the one the thread touches. Only a GPU node shows it
+    (benchmarks/gpu_check.py counts the contexts where there are 2+ GPUs)."""
+
+    def __init__(self, loader, order, device: torch.device | None):
+        self.device = device  # before FFCV's __init__, which starts the thread
+        super().__init__(loader, order)
+
+    def run(self):
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        super().run()
+
+
+class _Loader(Loader):
+    """FFCV's Loader whose epochs run in ``_OnTheRanksGPU`` threads; ``__iter__`` is FFCV 1.0.2's own but for the
+    iterator class."""
+
+    device: torch.device | None = None
+
+    def __iter__(self):
+        Compiler.set_num_threads(self.num_workers)
+        order = self.next_traversal_order()
+        selected_order = order[:len(self) * self.batch_size]
+        self.next_epoch += 1
+        if self.code is None or self.recompile:
+            self.generate_code()
+        return _OnTheRanksGPU(self, selected_order, self.device)
+
+
 class FFCVLoader:
     """Iterate (images uint8 (B, 3, H, W) in channels_last memory, labels int64 (B,)) over one rank's share of a
     .beton file.
@@ -54,19 +93,22 @@ class FFCVLoader:
     def __init__(self, path, *, train: bool, batch_size: int, res: int, crop_pct: float = 1.0,
                  crop_mode: str = "center", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
                  seed: int = 0, shard: Shard = Shard(), num_workers: int = 2, os_cache: bool = True,
-                 dct_scaling: bool = True, reader: Reader | None = None):
-        """reader: the file's beton_reader() when the caller has one already (its tables are then not read again)."""
+                 dct_scaling: bool = True, reader: Reader | None = None, device=None):
+        """reader: the file's beton_reader() when the caller has one already (its tables are then not read again);
+        device: where the batches will go (FFCV's thread is kept on it, above)."""
         self.path, self.train, self.batch_size, self.seed, self.shard = str(path), train, batch_size, seed, shard
+        self.res = res
         reader = reader or beton_reader(self.path)
         self.num_samples = int(reader.num_samples)  # numpy uint64 in FFCV: keep arithmetic signed
         self.epoch, self.start_batch = 0, 0
         self.decoder = CropResizeDecoder((res, res), mode="random" if train else crop_mode, scale=scale,
                                          ratio=ratio, flip_prob=hflip, crop_pct=crop_pct, seed=seed,
                                          dct_scaling=dct_scaling)
-        self.loader = Loader(self.path, batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
+        self.loader = _Loader(self.path, batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=_ShardOrder(self), drop_last=train, seed=seed,
                              pipelines={"image": [self.decoder, ToTensor()],
                                         "label": [IntDecoder(), ToTensor(), Squeeze(1)]})
+        self.loader.device = torch.device(device) if device is not None else None
 
     def set_epoch(self, epoch: int, start_batch: int = 0):
         """The next iteration yields batches start_batch.. of ``epoch``."""

@@ -1,4 +1,7 @@
-"""The fallback loader: torchvision's ImageFolder with timm's own transforms, for machines without FFCV.
+"""The fallback loader: image folders with timm's own transforms, for machines without FFCV.
+
+Folders are read as torchvision's ImageFolder reads them (hidden entries left out, as the converter does), and
+labelled by name through the run's class map (classes.py) when one is given.
 
 The per-sample transforms are exactly timm's ``create_transform`` (RandomResizedCrop with random interpolation,
 flip, PIL RandAugment on the CPU in training; resize + center crop in evaluation, the paper-exact path), in
@@ -36,11 +39,10 @@ from PIL import Image
 from timm.data import auto_augment, create_transform
 from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.datasets import ImageFolder
-
 from ..cli import say
 from ..preemption import PRIORITY as STOP_SIGNALS
 from . import DataError
+from .classes import scan_tree
 from .images import BadImage, load_rgb
 from .order import Shard, batches_per_epoch, rank_indices, sample_key
 
@@ -83,12 +85,14 @@ def train_transform(res: int, aug):
 
 @contextlib.contextmanager
 def seeded(key: int):
-    """Python's, numpy's and torch's global RNGs (what timm's PIL transforms draw from) seeded from ``key``, and
-    restored afterwards: with num_workers=0 they are the training loop's own."""
+    """Python's, numpy's and torch's CPU global RNGs (what timm's PIL transforms draw from) seeded from ``key``, and
+    restored afterwards: with num_workers=0 they are the training loop's own. Only torch's CPU generator:
+    torch.manual_seed would also reseed every CUDA generator (DropPath's, the device augmentation's), which nothing
+    here restores."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(key)
     np.random.seed(key % 2**32)
-    torch.manual_seed(key % 2**63)
+    torch.default_generator.manual_seed(key % 2**63)
     try:
         yield
     finally:
@@ -102,30 +106,31 @@ class SeededDataset(Dataset):
 
     ``replace_bad``: an unreadable file's slot takes the next readable file (training) instead of being left out."""
 
-    def __init__(self, folder: ImageFolder, seed: int, replace_bad: bool):
-        self.folder, self.seed, self.replace_bad, self.epoch = folder, seed, replace_bad, 0
+    def __init__(self, samples: list, root: str, transform, seed: int, replace_bad: bool):
+        self.samples, self.root, self.transform = samples, root, transform
+        self.seed, self.replace_bad, self.epoch = seed, replace_bad, 0
 
     def __len__(self):
-        return len(self.folder.samples)
+        return len(self.samples)
 
     def read(self, i):
         bad = []
-        n = len(self.folder.samples)
+        n = len(self.samples)
         for j in itertools.chain(range(i, n), range(i)):
-            path, label = self.folder.samples[j]
+            path, label = self.samples[j]
             try:
-                return self.folder.loader(path), label, bad
+                return load_rgb(path), label, bad
             except Exception as e:  # BadImage, or whatever else a corrupt file makes a PIL plugin raise
                 bad.append((path, str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"))
                 if not self.replace_bad:
                     return None, label, bad
-        raise DataError(f"no file under {self.folder.root} decodes as an image")
+        raise DataError(f"no file under {self.root} decodes as an image")
 
     def __getitem__(self, i):
         image, label, bad = self.read(i)
         if image is not None:
             with seeded(int(sample_key(self.seed, self.epoch, i))):
-                image = torch.as_tensor(np.asarray(self.folder.transform(image)))
+                image = torch.as_tensor(np.asarray(self.transform(image)))
         return image, label, bad
 
 
@@ -180,11 +185,14 @@ class FolderLoader:
 
     def __init__(self, root, *, train: bool, batch_size: int, res: int, aug=None, crop_pct: float = 1.0,
                  crop_mode: str = "center", interpolation: str = "bicubic", seed: int = 0, shard: Shard = Shard(),
-                 num_workers: int = 2):
-        self.train, self.batch_size, self.seed, self.shard = train, batch_size, seed, shard
+                 num_workers: int = 2, classes: list[str] | None = None):
+        """classes: the class map to label the folders by (their sorted names when None)."""
+        self.train, self.batch_size, self.seed, self.shard, self.res = train, batch_size, seed, shard, res
         transform = train_transform(res, aug) if train else eval_transform(res, crop_pct, interpolation, crop_mode)
-        self.folder = ImageFolder(str(root), transform=transform, loader=load_rgb)
-        self.dataset = SeededDataset(self.folder, seed, replace_bad=train)
+        self.root = str(root)
+        found, samples = scan_tree(root, None if classes is None else {c: i for i, c in enumerate(classes)})
+        self.classes = list(classes) if classes is not None else found
+        self.dataset = SeededDataset(samples, self.root, transform, seed, replace_bad=train)
         self.epoch, self.start_batch = 0, 0
         self.skipped: dict[str, str] = {}  # unreadable files met by this process: path -> reason
         # iter(DataLoader) draws its workers' base seed from this generator; left to the global one, the draw would
@@ -193,10 +201,6 @@ class FolderLoader:
         self.loader = DataLoader(self.dataset, batch_sampler=ShardBatchSampler(self), num_workers=num_workers,
                                  collate_fn=collate, generator=self.generator, pin_memory=torch.cuda.is_available(),
                                  persistent_workers=False, worker_init_fn=leave_stop_signals_to_the_trainer)
-
-    @property
-    def classes(self):
-        return self.folder.classes
 
     def set_epoch(self, epoch: int, start_batch: int = 0):
         self.epoch, self.start_batch = epoch, start_batch
@@ -223,5 +227,5 @@ class FolderLoader:
             if n <= 10 or n % 100 == 0:  # a tree with thousands of broken files must not drown the log
                 rank = f"rank {self.shard.rank}: " if self.shard.world_size > 1 else ""
                 what = "each replaced by the next readable file" if self.train else "left out of evaluation"
-                say(f"warning: {rank}{self.folder.root}: skipped {n} unreadable file{'s' * (n != 1)} so far "
+                say(f"warning: {rank}{self.root}: skipped {n} unreadable file{'s' * (n != 1)} so far "
                     f"({what}), e.g. {path} ({reason})")

@@ -15,7 +15,7 @@ class SyntheticLoader:
         g = torch.Generator().manual_seed(seed + shard.rank)
         self.images = torch.randint(0, 256, (batch_size, 3, res, res), dtype=torch.uint8, generator=g)
         self.labels = torch.arange(batch_size) % num_classes
-        self.num_samples, self.batch_size, self.shard, self.train = num_samples, batch_size, shard, train
+        self.num_samples, self.batch_size, self.shard, self.train, self.res = num_samples, batch_size, shard, train, res
         self.start_batch = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 from pathlib import Path
 
@@ -10,22 +9,23 @@ import torch
 from timm.models import get_pretrained_cfg
 from tqdm import tqdm
 
-from ..data import Shard, build_loader, from_config, DataConfig
-from ..distributed import init_distributed
+from ..data import Shard, build_loader
+from ..distributed import env_world_size, init_distributed
 from ..models import is_in21k, load_pretrained, paper_row
 from ..models.pretrained import read_weights
 from ..preemption import requeue_on_timeout_signal
-from ..config import validate_eval
-from .evaluate import amp_dtype, create_model, evaluate, variant_data_args
+from ..preflight import check_eval
+from ..precision import amp_dtype, autocast
+from . import class_metrics
+from .evaluate import create_model, evaluate, variant_data_args
 
 TABLE_HEAD = "| model | weights | top-1 | top-5 | paper top-1 | difference | images |\n|---|---|---|---|---|---|---|\n"
 
 
 def run_eval(cfg) -> dict:
-    validate_eval(cfg)
+    data = check_eval(cfg, env_world_size())
     info = init_distributed(cfg.device)
     requeue_on_timeout_signal(info.is_main)
-    data = from_config(DataConfig, cfg.data)
     source = str(cfg.checkpoint or get_pretrained_cfg(cfg.model.name).hf_hub_id)
     if cfg.table:  # a requeued multi-model evaluation goes on where it stopped
         done = table_row(Path(cfg.table), cfg.model.name, source)
@@ -34,27 +34,60 @@ def run_eval(cfg) -> dict:
                 print(f"eval {cfg.model.name}: already in {cfg.table} (top1 {done['top1']:.2f}), skipped", flush=True)
             return done
     model = create_model(cfg.model, data.num_classes)
+    weights = read_weights(source, model, str(cfg.weights))
+    load_pretrained(model, weights.state_dict)
+    # Folders are labelled by name through the class map the weights were trained with, when they carry one.
     loader, aug = build_loader(data, None, train=False, batch_size=cfg.batch_size,
-                               shard=Shard(info.rank, info.world_size), device=info.device,
+                               shard=Shard(info.rank, info.world_size), device=info.device, classes=weights.classes,
                                **variant_data_args(model, cfg.model))
-    sd, kind = read_weights(source, model, str(cfg.weights))
-    load_pretrained(model, sd)
     model.to(info.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     dtype = amp_dtype(cfg.amp, info.device)
-    autocast = (lambda: torch.autocast(info.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     progress = (lambda it: tqdm(it, desc=f"eval {cfg.model.name}", unit="batch", disable=not (info.is_main and cfg.progress)))
-    out = evaluate(model, loader, aug, autocast, progress)
+    out = evaluate(model, loader, aug, lambda: autocast(info.device, dtype), progress, topk=cfg.topk, confusion=True)
     row = paper_row(cfg.model.name, is_in21k(cfg.model.name, source, cfg.pretrain)) if data.num_classes == 1000 else None
     paper = row["top1"] if row else None
-    out.update(model=cfg.model.name, weights=f"{source} ({kind})", paper_top1=paper,
+    out.update(model=cfg.model.name, weights=f"{source} ({weights.kind})", paper_top1=paper,
                difference=None if paper is None else out["top1"] - paper)
+    names = class_names(weights.classes or getattr(loader, "classes", None), model.num_classes)
+    confusion = out.pop("confusion")
+    out_dir = outputs_dir(cfg, source)
     if info.is_main:
+        written = class_metrics.write(confusion, names, out_dir, f"{cfg.model.name}: {source}") if out_dir else {
+            "balanced_top1": class_metrics.balanced_accuracy(class_metrics.per_class(confusion, names)), "files": []}
+        out["balanced_top1"] = written["balanced_top1"]
         diff = "" if paper is None else f" paper {paper:.2f} difference {out['difference']:+.2f}"
-        print(f"eval {out['model']} top1 {out['top1']:.3f} top5 {out['top5']:.3f} images {out['count']}{diff}",
-              flush=True)
+        k = f" top{cfg.topk} {out[f'top{cfg.topk}']:.3f}" if cfg.topk not in (1, 5) else ""
+        print(f"eval {out['model']} top1 {out['top1']:.3f} top5 {out['top5']:.3f}{k} balanced "
+              f"{out['balanced_top1']:.3f} images {out['count']}{diff}", flush=True)
+        if written["files"]:
+            print(f"per-class accuracy and confusion matrix: {out_dir}", flush=True)
         if cfg.table:
             append_row(Path(cfg.table), out)
     return out
+
+
+def class_names(classes: list | None, num_classes: int) -> list[str]:
+    """A name for every output of the model: its class map, ImageNet's synsets for a 1000-class model without one,
+    else the label numbers."""
+    if classes is None and num_classes == 1000:
+        from timm.data import ImageNetInfo
+        info = ImageNetInfo()
+        classes = [info.index_to_label_name(i) for i in range(1000)]
+    names = list(classes or [])[:num_classes]
+    return names + [str(i) for i in range(len(names), num_classes)]
+
+
+def outputs_dir(cfg, source: str) -> Path | None:
+    """Where the per-class files go: ``out_dir``, else beside the table, named after the model and the weights (a run
+    directory's name, with the file's for one of its checkpoints; the file or repo name otherwise)."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    if not cfg.table:
+        return None
+    src = Path(source)
+    weights = (f"{src.parent.parent.name}_" if src.parent.name == "checkpoints" else "") + src.name.split(".")[0]
+    table = Path(cfg.table)
+    return table.with_name(f"{table.stem}_{cfg.model.name}_{weights}")
 
 
 def read_table(path: Path) -> list[dict]:

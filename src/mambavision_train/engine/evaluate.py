@@ -12,19 +12,10 @@ from ..distributed import all_reduce_max, all_reduce_sum
 from ..parallel import is_sharded
 
 
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-AMP_NAMES = {v: k for k, v in AMP.items()}
-
-
-def amp_dtype(amp: str, device: torch.device):
-    """The autocast dtype of an ``amp`` setting (validated by the config schema); None: no autocast."""
-    return AMP["bf16" if device.type == "cuda" else "fp32"] if amp == "auto" else AMP[amp]
-
-
 def create_model(model_cfg, num_classes: int, **extra):
     """The variant a model config names, with the settings it gives (null: the variant's own)."""
     import timm
-    settings = dict(scan_impl=model_cfg.scan_impl, img_size=model_cfg.img_size, **extra)
+    settings = dict(scan_impl=model_cfg.scan_impl, img_size=model_cfg.img_size) | extra
     return timm.create_model(model_cfg.name, num_classes=num_classes,
                              **{k: v for k, v in settings.items() if v is not None})
 
@@ -39,13 +30,20 @@ def variant_data_args(model, model_cfg) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device_aug, autocast=contextlib.nullcontext, progress=None) -> dict:
+def evaluate(model, loader, device_aug, autocast=contextlib.nullcontext, progress=None, topk: int = 5,
+             confusion: bool = False) -> dict:
+    """Loss, top-1, top-5 and top-``topk`` (%), and the image count, summed over the ranks; with ``confusion``
+    also the confusion matrix (rows: true class, columns: predicted; counts), accumulated on the device."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device_aug.device)  # loss sum, top1, top5, count
+    device = device_aug.device
+    k = max(5, topk)
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top1, top5, top-k, count
+    classes = model.num_classes if confusion else 0
+    matrix = torch.zeros(classes * classes, dtype=torch.int64, device=device)
     # FSDP's forward is collective: a rank with fewer batches joins the others' last forwards with dummy ones.
     lockstep = is_sharded(model)
-    steps = int(all_reduce_max(torch.tensor(len(loader), device=totals.device))) if lockstep else 0
+    steps = int(all_reduce_max(torch.tensor(len(loader), device=device))) if lockstep else 0
     done = 0
     for images, labels in (progress(loader) if progress else loader):
         x, y = device_aug(images, labels)
@@ -53,17 +51,26 @@ def evaluate(model, loader, device_aug, autocast=contextlib.nullcontext, progres
             logits = model(x)
         done += 1
         logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top5 == y[:, None]
+        top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+        hit = top == y[:, None]
         totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hit[:, 0].sum().double(),
-                               hit.any(1).sum().double(), torch.tensor(float(len(y)), device=totals.device)])
+                               hit[:, :5].any(1).sum().double(), hit[:, :topk].any(1).sum().double(),
+                               torch.tensor(float(len(y)), device=device)])
+        if confusion:
+            matrix += torch.bincount(y * classes + top[:, 0], minlength=classes * classes)
+    if done < steps:  # a stand-in image: this rank may have had no batch at all
+        dummy = torch.zeros(1, 3, loader.res, loader.res, device=device).contiguous(memory_format=torch.channels_last)
     for _ in range(done, steps):
         with autocast():
-            model(x[:1])
+            model(dummy)
     model.train(was_training)
-    loss, top1, top5, n = all_reduce_sum(totals).tolist()
+    loss, top1, top5, top_k, n = all_reduce_sum(totals).tolist()
     if n == 0:  # else a top-1 of 0 that looks like a result
         from ..data import DataError
         raise DataError("evaluation saw no image: the validation loader gave no batch (a set smaller than one batch, "
                         "on a loader that drops the last one?); give it more images or a smaller eval batch size")
-    return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "count": int(n)}
+    out = {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, f"top{topk}": 100.0 * top_k / n,
+           "count": int(n)}
+    if confusion:
+        out["confusion"] = all_reduce_sum(matrix).view(classes, classes).cpu()
+    return out

@@ -25,6 +25,17 @@ class ResumeError(RuntimeError):
     """No checkpoint to continue from, or one that belongs to another run: the message says what to do."""
 
 
+def refuse_a_used_run_dir(run_dir: Path, resume: str):
+    """``resume=never`` in a run directory that already holds a run would overwrite its checkpoints and append a
+    second run to its metrics (one curve, one report of two runs): refused before anything is written."""
+    used = [name for name, there in (("checkpoints", ckpt.has_files(run_dir)),
+                                     ("metrics.jsonl", (Path(run_dir) / "metrics.jsonl").exists())) if there]
+    if resume == "never" and used:
+        raise ResumeError(f"resume=never, but {run_dir} already holds a run ({', '.join(used)}): starting over there "
+                          f"would overwrite its checkpoints and mix two runs in its metrics; give a new run_dir (or "
+                          f"run_name), or delete that one")
+
+
 def checkpoints_to_try(run_dir: Path, resume: str) -> list[Path]:
     """The checkpoints ``resume`` names, newest first; empty when a run starts from scratch."""
     if resume == "never":

@@ -8,7 +8,6 @@ the official code.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import sys
@@ -24,9 +23,9 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from .. import recipe, rundir
-from ..config import validate_train
-from ..data import AugConfig, DataConfig, Shard, build_loader, from_config
-from ..data import check as check_data
+from ..preflight import check_train
+from ..data import Shard, build_loader
+from ..data import classes as class_files
 from ..distributed import (DistInfo, all_reduce_max, env_world_size, gather_objects, init_distributed,
                            reduce_bn_stats)
 from ..metrics import MetricsLogger, Throughput, duration
@@ -36,7 +35,9 @@ from ..parallel import clip_grad_norm, grad_sync, is_sharded, parallelize
 from ..preemption import StopSignals
 from ..rundir import RunLog
 from .ema import EMA
-from .evaluate import AMP_NAMES, amp_dtype, create_model, evaluate, variant_data_args
+from ..ops.selective_scan import resolve_impl
+from ..precision import AMP_NAMES, amp_dtype, autocast, set_determinism
+from .evaluate import create_model, evaluate, variant_data_args
 from .mesa import mesa_active, mesa_loss
 from .resume import checkpoints_to_try, load_first_good
 
@@ -62,10 +63,9 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         # Everything that can be wrong with the request fails here, before any expensive work.
-        self.accum = validate_train(cfg, env_world_size())
-        self.data_cfg, self.aug_cfg = from_config(DataConfig, cfg.data), from_config(AugConfig, cfg.aug)
-        for split in (self.data_cfg.train_split, self.data_cfg.val_split):
-            check_data(self.data_cfg, split)
+        request = check_train(cfg, env_world_size())
+        self.accum, self.data_cfg, self.aug_cfg, self.classes = (request.accumulation, request.data, request.aug,
+                                                                 request.classes)
         self.dist: DistInfo = init_distributed(cfg.device)
         self.run_dir = Path(cfg.run_dir)
         # Rank 0's lines from here on go to train.log too, the line that ends the run included.
@@ -78,10 +78,15 @@ class Trainer:
         cfg = self.cfg
         self.stops, self.stopping = StopSignals(self.dist.device, self.dist.is_main, log=self.log), None
         self.dtype = amp_dtype(cfg.amp, self.dist.device)
+        set_determinism(cfg.deterministic, self.dist.device)
+        # The scan this run computes with, fixed once here (auto depends on the device and on what is installed).
+        self.scan = resolve_impl(cfg.model.scan_impl, self.dist.device, deterministic=cfg.deterministic)
         if self.dist.is_main:
             rundir.start(self.run_dir, cfg, self.log, self.dist.world_size)
+            class_files.write(self.classes, self.run_dir / "classes.json")
             recipe.announce(cfg, self.run_dir, out=self.log, world_size=self.dist.world_size,
-                            accumulation=self.accum, amp=AMP_NAMES[self.dtype], device=str(self.dist.device))
+                            accumulation=self.accum, amp=AMP_NAMES[self.dtype], device=str(self.dist.device),
+                            scan=self.scan)
         self.state = TrainState()
         self.live = self.dist.is_main and cfg.progress and sys.stdout.isatty()  # progress bars, else log lines
         self._seed(cfg.seed)  # the same initial weights on every rank
@@ -91,7 +96,7 @@ class Trainer:
         # these generators: it is a function of (seed, epoch) alone (data/order.py).
         self._seed(cfg.seed + self.dist.rank)
         self.build_data()
-        self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None
+        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
         # FSDP2 shards only contiguous parameters: there channels_last stays on the activations (the convolutions
         # follow their input's layout).
         fmt = torch.channels_last if cfg.channels_last and cfg.dist.kind != "fsdp" else torch.contiguous_format
@@ -102,26 +107,39 @@ class Trainer:
         self.train_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.steps_per_epoch = len(self.train_loader) // self.accum
-        if self.steps_per_epoch == 0:
+        if self.steps_per_epoch == 0:  # preflight counted the images; a loader may still keep fewer (unreadable)
             raise TrainingError(f"one optimizer step needs {cfg.batch_size} images per epoch but this rank has "
                                 f"{len(self.train_loader) * cfg.micro_batch_size}; lower batch_size")
         self.total_epochs = cfg.epochs + cfg.sched.cooldown_epochs
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, cfg.epochs, self.steps_per_epoch)
+        self.warn_if_the_ema_cannot_follow(self.total_epochs * self.steps_per_epoch)
         # This config's hyper-parameters, put back over a restored optimizer when resume_allow_changes is set.
         self.fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.dtype == torch.float16)
         self.criterion = self.build_criterion()
         self.checkpoints = ckpt.RunCheckpoints(self.run_dir, self.model, self.ema, self.optimizer, self.dist.is_main,
                                                sharded=is_sharded(self.model), device=self.dist.device,
-                                               keep_last_n=cfg.checkpoint.keep_last_n)
+                                               keep_last_n=cfg.checkpoint.keep_last_n,
+                                               export={"classes": self.classes, "model": cfg.model.name,
+                                                       "img_size": cfg.model.img_size})
         self.resume()
         self.logger = MetricsLogger(self.run_dir, cfg.logger, self.dist.is_main,
                                     OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-                                    run_id=self.state.wandb_id, name=cfg.run_name)
+                                    run_id=self.state.wandb_id, name=cfg.run_name, log=self.log)
         self.state.wandb_id = self.logger.run_id
         total = self.total_epochs * self.steps_per_epoch
         self.meter = Throughput(cfg.batch_size, min(total, cfg.max_steps or total), self.state.global_step)
         self.summarized_at = None  # the global step metrics.csv and curves.png were last written at
+
+    def warn_if_the_ema_cannot_follow(self, steps: int):
+        """An EMA that averages over many more updates than the run has stays near the initial weights, and it is
+        the EMA that picks best.pth.tar and that eval.py evaluates: one line says so before the run spends its time."""
+        ema = self.cfg.ema
+        if self.dist.is_main and ema.enabled and not ema.warmup and 1 / (1 - ema.decay) > steps:
+            self.log(f"warning: ema.decay={ema.decay:g} averages the last ~{1 / (1 - ema.decay):.0f} optimizer steps "
+                     f"but this run has {steps}: the EMA weights (which select best.pth.tar and which eval.py "
+                     f"evaluates) would stay close to the initial ones; set ema.warmup=true or "
+                     f"ema.decay={max(0.0, 1 - 10 / steps):.3g}")
 
     def _seed(self, seed):
         random.seed(seed)
@@ -130,7 +148,7 @@ class Trainer:
 
     def build_model(self):
         m = self.cfg.model
-        model = create_model(m, self.cfg.data.num_classes, drop_path_rate=m.drop_path_rate)
+        model = create_model(m, self.cfg.data.num_classes, drop_path_rate=m.drop_path_rate, scan_impl=self.scan)
         if self.cfg.init_from:  # before the EMA copy: it starts from these weights too
             try:
                 loaded = init_from(model, self.cfg.init_from, str(self.cfg.init_head))
@@ -146,7 +164,7 @@ class Trainer:
         cfg, data, aug = self.cfg, self.data_cfg, self.aug_cfg
         view = variant_data_args(self.model, cfg.model)
         common = dict(res=view["res"], mean=view["mean"], std=view["std"], seed=cfg.seed,
-                      shard=Shard(self.dist.rank, self.dist.world_size), device=self.dist.device)
+                      shard=Shard(self.dist.rank, self.dist.world_size), device=self.dist.device, classes=self.classes)
         self.train_loader, self.train_aug = build_loader(data, aug, train=True, batch_size=cfg.micro_batch_size,
                                                          **common)
         self.val_loader, self.val_aug = build_loader(data, aug, train=False,
@@ -160,15 +178,13 @@ class Trainer:
         return LabelSmoothingCrossEntropy(aug.smoothing) if aug.smoothing > 0 else torch.nn.CrossEntropyLoss()
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.dtype)
+        return autocast(self.dist.device, self.dtype)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def meta_state(self) -> dict:
         """Everything but model, EMA and optimizer (those are written by RunCheckpoints)."""
         return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "state": asdict(self.state), "data_seed": self.cfg.seed,
+                "state": asdict(self.state), "data_seed": self.cfg.seed, "classes": self.classes,
                 "rng": gather_objects(ckpt.rng_state(), self.dist), "world_size": self.dist.world_size,
                 "bn_stats": gather_objects(self.bn_stats(), self.dist) if self.dist.distributed else None,
                 "config": OmegaConf.to_yaml(self.cfg, resolve=True)}
@@ -217,7 +233,10 @@ class Trainer:
                 group.update(fresh)
         else:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        else:  # amp=fp16 now, bf16/fp32 before: a disabled scaler saved nothing to go on from
+            self.log(f"amp=fp16 from here on: the GradScaler starts at scale {self.scaler.get_scale():g}")
         self.state = TrainState(**state["state"])
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
@@ -253,28 +272,33 @@ class Trainer:
             losses.append(loss.detach().float())
         losses = torch.stack(losses)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(self.model.parameters(), cfg.clip_grad)
-        # One verdict for every rank: a rank that skipped alone would leave the others stepping on the NaN it
-        # all-reduced into their gradients, one that stopped alone would leave them waiting in a collective. With
-        # fp16 an inf gradient is routine: the GradScaler skips that step and lowers its scale.
-        bad = torch.tensor([not bool(torch.isfinite(losses).all()),
-                            not (math.isfinite(grad_norm) or self.scaler.is_enabled())], device=losses.device)
-        if all_reduce_max(bad.to(torch.int32)).any():
-            return self.non_finite(losses, grad_norm)
-        self.scaler.step(self.optimizer)
+        norm = clip_grad_norm(self.model.parameters(), cfg.clip_grad)
+        # One verdict for every rank, in one all-reduce: a rank that skipped alone would leave the others stepping on
+        # the NaN it all-reduced into their gradients, one that stopped alone would leave them waiting in a
+        # collective; the same reduction carries the strongest stop signal any rank has received. With fp16 an inf
+        # gradient is routine: the GradScaler skips that step and lowers its scale.
+        flags = torch.stack([~torch.isfinite(losses).all(), ~torch.isfinite(norm) & (not self.scaler.is_enabled())])
+        stop = flags.new_full((1,), self.stops.received, dtype=torch.int32)  # a fill on the device, not a copy
+        verdict = all_reduce_max(torch.cat([flags.int(), stop]))
+        # The step's one wait for the device: everything the host needs from it, in one copy.
+        bad_loss, bad_grad, stop, loss, grad_norm = torch.cat([verdict.float(), losses.mean()[None],
+                                                               norm.float()[None]]).tolist()
+        out = {"loss": loss, "grad_norm": grad_norm, "stop": self.stops.signal(int(stop))}
+        if bad_loss or bad_grad:
+            return {**out, **self.non_finite(losses, grad_norm, "loss" if bad_loss else "gradient")}
+        self.scaler.step(self.optimizer)  # fp16: the scaler reads its inf verdict here (one more wait)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
-            self.ema.update(self.model)
-        return {"loss": losses.mean().item(), "grad_norm": grad_norm}
+            self.ema.update(self.model, self.state.global_step + 1)
+        return out
 
-    def non_finite(self, losses, grad_norm) -> dict:
+    def non_finite(self, losses, grad_norm, what: str) -> dict:
         """Every rank gets here at the same step: skip it together, or stop together before any update."""
         st = self.state
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.update()  # closes the unscale_ above (and lowers the fp16 scale if it overflowed)
         where = f"epoch {st.epoch}, step {st.step} (global step {st.global_step + 1})"
-        what = "loss" if not torch.isfinite(losses).all() else "gradient"
         if self.cfg.nan_policy == "skip":
             st.skipped_steps += 1
             self.log(f"warning: non-finite {what} on some rank at {where}: step skipped on every rank "
@@ -310,7 +334,7 @@ class Trainer:
             if cfg.checkpoint.every_n_steps and st.global_step % cfg.checkpoint.every_n_steps == 0 \
                     and st.step < self.steps_per_epoch:
                 self.save(tag=f"step_{st.global_step}" if cfg.checkpoint.keep_steps else None)
-            self.stopping = self.stops.requested()
+            self.stopping = out["stop"]  # decided by every rank in the step's verdict
             if self.stopping or (cfg.max_steps and st.global_step >= cfg.max_steps):
                 break
         bar.close()

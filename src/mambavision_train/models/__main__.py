@@ -1,4 +1,5 @@
-"""Print the MambaVision family table: measured parameters and MACs beside the paper's figures.
+"""Print the MambaVision family table: measured parameters and MACs beside the paper's figures, and each variant's
+stage-map channels (what forward_intermediates, features_only and the dense backbones give, at strides 4-32).
 
     python -m mambavision_train.models [--markdown]
 
@@ -13,7 +14,8 @@ import torch
 from . import PAPER, count_flops
 
 HEAD = ["model", "res", "eval crop", "params (ours)", "params (paper)", "GMACs (ours)", "GMACs (paper)",
-        "+attn GMACs", "+scan GMACs", "paper top-1", "weights (Hugging Face repo / file)"]
+        "+attn GMACs", "+scan GMACs", "paper top-1", "weights (Hugging Face repo / file)",
+        "feature channels (stride 4 / 8 / 16 / 32)"]
 
 
 def rows():
@@ -28,13 +30,15 @@ def rows():
                    params=sum(p.numel() for p in model.parameters()), gmacs=flops.gmacs,
                    attn=flops.attention_macs / 1e9, scan=flops.scan_macs / 1e9, paper_params=paper["params"],
                    paper_gmacs=paper["gmacs"], top1=paper["top1"],
-                   weights=f"{cfg['hf_hub_id']} / {cfg['hf_hub_filename']}")
+                   weights=f"{cfg['hf_hub_id']} / {cfg['hf_hub_filename']}",
+                   channels=[f["num_chs"] for f in model.feature_info])
 
 
 def cells(r) -> list[str]:
     crop = f"{r['crop_pct']}" + (" squash" if r["crop_mode"] == "squash" else "")
     return [r["model"], str(r["res"]), crop, f"{r['params']:,}", f"{r['paper_params']:,}", f"{r['gmacs']:.2f}",
-            str(r["paper_gmacs"]), f"{r['attn']:.3f}", f"{r['scan']:.4f}", str(r["top1"]), r["weights"]]
+            str(r["paper_gmacs"]), f"{r['attn']:.3f}", f"{r['scan']:.4f}", str(r["top1"]), r["weights"],
+            " / ".join(map(str, r["channels"]))]
 
 
 def markdown(table) -> str:

@@ -9,13 +9,15 @@ Unlike the official code, the selective scan runs without compiled kernels (``ma
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.selective_scan import selective_scan
@@ -225,7 +227,8 @@ def checkpointed(block: nn.Module, x):
 
 
 class MambaVisionLayer(nn.Module):
-    """One stage: conv blocks (stages 1-2) or windowed hybrid blocks (stages 3-4), then an optional downsample."""
+    """One stage: conv blocks (stages 1-2) or windowed hybrid blocks (stages 3-4), then an optional downsample.
+    ``downsample=False`` returns the stage's own map, before the downsample: what dense heads take."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, conv: bool = False,
                  downsample: bool = True, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
@@ -247,13 +250,17 @@ class MambaVisionLayer(nn.Module):
         self.window_size = window_size
         self.grad_checkpointing = False
 
-    def forward(self, x):
+    def forward(self, x, downsample: bool = True):
         H, W = x.shape[2:]
         if self.transformer_block:
             # Zero-pad right/bottom to a multiple of the window, as the official code does (no attention mask).
             ws = self.window_size
-            pad_r, pad_b = (ws - W % ws) % ws, (ws - H % ws) % ws
-            if pad_r or pad_b:
+            pad_r, pad_b = (W + ws - 1) // ws * ws - W, (H + ws - 1) // ws * ws - H
+            # A symbolic size (torch.export with a dynamic height/width) always pads and crops, by amounts the graph
+            # computes: a branch on them would freeze the traced size's choice into the graph. A known size skips
+            # the copy when there is nothing to pad.
+            padded = not (isinstance(H, int) and isinstance(W, int)) or pad_r > 0 or pad_b > 0
+            if padded:
                 x = F.pad(x, (0, pad_r, 0, pad_b))
             Hp, Wp = x.shape[2:]
             x = window_partition(x, ws)
@@ -261,9 +268,9 @@ class MambaVisionLayer(nn.Module):
             x = checkpointed(blk, x) if self.grad_checkpointing and self.training else blk(x)
         if self.transformer_block:
             x = window_reverse(x, ws, Hp, Wp)
-            if pad_r or pad_b:
+            if padded:
                 x = x[:, :, :H, :W].contiguous()
-        return x if self.downsample is None else self.downsample(x)
+        return x if self.downsample is None or not downsample else self.downsample(x)
 
 
 # ------------------------------------------------------------------------------------------------------- model
@@ -287,6 +294,9 @@ class MambaVision(nn.Module):
                 conv=i < 2, downsample=i < len(depths) - 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
                 layer_scale=layer_scale, layer_scale_conv=layer_scale_conv, scan_impl=scan_impl))
+        # Stage i's map before its downsample: dim * 2^i channels at stride 4 * 2^i (forward_intermediates).
+        self.feature_info = [dict(num_chs=int(dim * 2 ** i), reduction=4 * 2 ** i, module=f"levels.{i}")
+                             for i in range(len(depths))]
         self.norm = nn.BatchNorm2d(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -335,6 +345,44 @@ class MambaVision(nn.Module):
             x = level(x)
         return self.norm(x)
 
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API: the maps of the stages in ``indices`` (None: all; n: the last n), each taken before
+        its stage's downsample, so stage i gives dim * 2^i channels at stride 4 * 2^i (a hook on ``levels.i`` would
+        see the downsampled map instead: 2 * dim * 2^i channels at twice the stride). Returns (final features,
+        maps), the final features equal to forward_features(x), or the maps alone with ``intermediates_only``.
+        ``norm`` applies the final BatchNorm to the last stage's map, the only one it is sized for."""
+        assert output_fmt == "NCHW", "MambaVision's stage maps are NCHW"
+        take, max_index = feature_take_indices(len(self.levels), indices)
+        levels = self.levels[:max_index + 1] if stop_early or intermediates_only else self.levels
+        last = len(self.levels) - 1
+        intermediates = []
+        x = self.patch_embed(x)
+        for i, level in enumerate(levels):
+            x = level(x, downsample=False)
+            if i in take:
+                intermediates.append(self.norm(x) if norm and i == last else x)
+            if i < len(levels) - 1:  # the deepest stage run keeps its map: its downsample would feed no one
+                x = level.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if len(levels) == len(self.levels) else x), intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        """Keep what forward_intermediates(indices) needs: the stages after the deepest one taken go, and so does
+        that stage's downsample (it fed only them); the final norm and the head go when they no longer fit."""
+        take, max_index = feature_take_indices(len(self.levels), indices)
+        prune_end = max_index < len(self.levels) - 1
+        self.levels = self.levels[:max_index + 1]
+        self.levels[-1].downsample = None
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0)
+        return take
+
     def forward_head(self, x, pre_logits: bool = False):
         x = torch.flatten(self.avgpool(x), 1)
         return x if pre_logits else self.head(x)
@@ -380,12 +428,33 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_mambavision(variant: str, pretrained: bool = False, **kwargs):
-    model = build_model_with_cfg(MambaVision, variant, pretrained=False, feature_cfg=dict(flatten_sequential=True),
-                                 **kwargs)
-    if pretrained:  # not timm's pretrained path: it adapts a head of another size silently; ours is strict
-        from .pretrained import load_pretrained
-        load_pretrained(model, model.pretrained_cfg["hf_hub_id"], filename=model.pretrained_cfg["hf_hub_filename"])
-    return model
+    # Not timm's pretrained path: it adapts a head of another size silently, and under features_only it drops the
+    # classifier's keys and loads the rest loosely. Ours loads strictly, into the whole model, as it is built:
+    # before features_only wraps it and prunes what the requested stages do not need.
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
+
+    if pretrained and not (cfg.file or cfg.hf_hub_id):
+        from .pretrained import CheckpointError
+        raise CheckpointError(f"{variant} has no released weights: give a file with "
+                              "pretrained_cfg_overlay=dict(file=...), or load one with load_pretrained")
+
+    def build(**model_kwargs) -> MambaVision:
+        model = MambaVision(**model_kwargs)
+        if pretrained:
+            from .pretrained import load_pretrained
+            source = cfg.file or cfg.hf_hub_id
+            other = model.num_classes != cfg.num_classes  # timm's idiom: pretrained=True, num_classes=N
+            load_pretrained(model, source, filename=None if cfg.file else cfg.hf_hub_filename, new_classifier=other)
+            if other:
+                logging.getLogger(__name__).warning(
+                    f"{variant}: loaded {source} except its classifier ({cfg.num_classes} classes), which is new "
+                    f"for {model.num_classes} classes")
+        return model
+    # The stages end in their downsample, so timm's default feature wrapper (hooks on children) would tap the
+    # downsampled maps: the getter wrapper calls forward_intermediates instead.
+    return build_model_with_cfg(build, variant, pretrained=False,
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------- variants

@@ -12,6 +12,7 @@ import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -157,14 +158,19 @@ def _weights_file(repo_id: str, revision: str | None) -> str:
 
 
 def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, *, ema: bool | None = False,
-                    strict: bool = True, filename: str | None = None) -> nn.Module:
+                    strict: bool = True, filename: str | None = None, new_classifier: bool = False) -> nn.Module:
     """Load weights into ``model`` from a file path, a Hugging Face repo id, or an in-memory checkpoint dict.
 
     ema: False (default, as the official loader) takes ``state_dict``; True takes ``state_dict_ema``;
     None prefers plain weights and falls back to EMA ones. strict: every key and shape must match.
+    new_classifier: the model's classifier (``head.*``) keeps its fresh initialisation; the rest is as strict.
     """
     ckpt = source if isinstance(source, Mapping) else read_checkpoint(resolve_source(source, filename))
     sd = extract_state_dict(ckpt, model, ema=ema)
+    if new_classifier:
+        own = model.state_dict()
+        sd = {**{k: v for k, v in sd.items() if not k.startswith("head.")},
+              **{k: v for k, v in own.items() if k.startswith("head.")}}
     problem = _describe_mismatch(model, sd)
     if problem and strict:
         raise CheckpointError(f"checkpoint does not match {type(model).__name__}: {problem}")
@@ -179,26 +185,39 @@ def is_training_checkpoint(ckpt: Mapping) -> bool:
     return isinstance(ckpt.get("ema"), Mapping) and "state" in ckpt
 
 
-def read_weights(source, model: nn.Module, weights: str = "auto") -> tuple[dict, str]:
-    """(state dict, 'EMA' or 'plain') from any source ``load_pretrained`` takes, or one of our run directories (its
-    ``ema_best.pth``, else ``ema_last.pth``). weights: auto (EMA for our training checkpoints, ``state_dict`` for
-    official files) | ema | plain."""
-    run = Path(str(source)).expanduser() / "checkpoints"
-    if not isinstance(source, Mapping) and run.is_dir():
+class Weights(NamedTuple):
+    state_dict: dict
+    kind: str  # "EMA" or "plain"
+    classes: list | None  # the class map they were trained with (ours), None when the file has none (official)
+
+
+def read_weights(source, model: nn.Module, weights: str = "auto") -> Weights:
+    """The weights of any source ``load_pretrained`` takes, or of one of our run directories (its ``ema_best.pth``,
+    else ``ema_last.pth``), with the class map they carry. weights: auto (EMA for our training checkpoints,
+    ``state_dict`` for official files) | ema | plain."""
+    # (not str() of an in-memory checkpoint: that would format every tensor in it)
+    run = None if isinstance(source, Mapping) else Path(str(source)).expanduser() / "checkpoints"
+    if run is not None and run.is_dir():
         exported = [run / n for n in ("ema_best.pth", "ema_last.pth") if (run / n).is_file()]
         if not exported:
             raise CheckpointError(f"{run} has no exported EMA weights (ema_best.pth / ema_last.pth) yet")
-        return extract_state_dict(read_checkpoint(exported[0]), model), "EMA"  # already a plain state dict
+        ckpt = read_checkpoint(exported[0])
+        return Weights(extract_state_dict(ckpt, model), "EMA", _classes(ckpt))
     ckpt = source if isinstance(source, Mapping) else read_checkpoint(resolve_source(source))
     ema = {"ema": True, "plain": False}.get(weights, is_training_checkpoint(ckpt))
-    return extract_state_dict(ckpt, model, ema=ema), "EMA" if ema else "plain"
+    return Weights(extract_state_dict(ckpt, model, ema=ema), "EMA" if ema else "plain", _classes(ckpt))
+
+
+def _classes(ckpt: Mapping) -> list | None:
+    classes = ckpt.get("classes")
+    return list(classes) if isinstance(classes, (list, tuple)) else None
 
 
 def init_from(model: nn.Module, source, init_head: str = "reset") -> str:
     """Fine-tuning's start: every tensor of ``source`` goes into ``model`` (BatchNorm statistics included), except a
     classifier for another number of classes, which keeps its fresh initialisation (``init_head=reset``) or is an
     error (``keep``). Anything else that does not fit is an error listing it. Returns what was loaded, in words."""
-    sd, kind = read_weights(source, model)
+    sd, kind, _ = read_weights(source, model)
     own = model.state_dict()
     head = [k for k in own if k.startswith("head.")]
     other = any(k in sd and tuple(sd[k].shape) != tuple(own[k].shape) for k in head)

@@ -66,9 +66,16 @@ def _resolve(impl: str | None, device_type: str) -> str:
     return impl
 
 
-def resolve_impl(impl: str | None, device: torch.device) -> str:
-    """The implementation that runs for ``impl`` (None: ``$MAMBAVISION_SCAN``, else auto) on ``device``."""
-    return _resolve(impl, device.type)
+def resolve_impl(impl: str | None, device: torch.device, deterministic: bool = False) -> str:
+    """The implementation that runs for ``impl`` (None: ``$MAMBAVISION_SCAN``, else auto) on ``device``.
+    ``deterministic``: never mamba_ssm's kernel, whose backward adds gradients with atomics (auto takes ours)."""
+    which = _resolve(impl, device.type)
+    if deterministic and which == "cuda":
+        if (impl or os.environ.get(ENV_VAR) or "auto") == "cuda":
+            raise RuntimeError("'cuda' (mamba_ssm's kernel) sums gradients with atomics, so it is not deterministic; "
+                               "use 'triton' or 'torch' with deterministic=true")
+        which = "triton" if has_triton() else "torch"
+    return which
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -15,13 +15,13 @@ import types
 
 @functools.lru_cache(maxsize=None)
 def has_cuda_kernel() -> bool:
-    """True when mamba_ssm's compiled selective-scan kernel can be imported."""
+    """True when mamba_ssm's compiled selective-scan extension can be imported. Only the extension: we call it
+    directly (op.py), and the rest of the mamba_ssm package (Mamba2/3, tilelang, cutlass-dsl in 2.3.x) has import
+    errors of its own that must not turn the kernel off. The stand-in below has no ``fwd``."""
     try:
-        importlib.import_module("selective_scan_cuda")
-        importlib.import_module("mamba_ssm.ops.selective_scan_interface")
+        return hasattr(importlib.import_module("selective_scan_cuda"), "fwd")
     except Exception:  # ImportError, but also broken wheels (undefined symbols, CUDA mismatch)
         return False
-    return True
 
 
 @functools.lru_cache(maxsize=None)

@@ -84,12 +84,19 @@ def _padded(residuals: list, like: Tensor) -> list:
     return list(residuals) + [_placeholder(like) for _ in range(N_RESIDUALS - len(residuals))]
 
 
+def _dense(*tensors):
+    """The operator's inputs in contiguous memory: the kernels index raw pointers as if they were. The Python wrapper
+    makes them so, but torch.compile calls the operator directly and Inductor may hand it any strides (a no-op for
+    tensors that are contiguous already)."""
+    return [t if t is None else t.contiguous() for t in tensors]
+
+
 @torch.library.custom_op("mambavision::selective_scan", mutates_args=())
 def selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
                       impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, last state, residual 0..2): see the module docstring. ``impl`` must already be resolved."""
-    out, last, residuals = IMPLEMENTATIONS[impl].forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    out, last, residuals = IMPLEMENTATIONS[impl].forward(*_dense(u, delta, A, B, C, D, z, delta_bias), delta_softplus)
     return (out, last, *_padded(residuals, A))
 
 
@@ -106,7 +113,8 @@ def selective_scan_backward_op(gout: Tensor, u: Tensor, delta: Tensor, A: Tensor
                                r0: Tensor, r1: Tensor, r2: Tensor, delta_softplus: bool,
                                impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (u, delta, A, B, C, D, z, delta_bias); placeholders stand for the absent optional inputs."""
-    grads = IMPLEMENTATIONS[impl].backward(gout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r0, r1, r2)
+    grads = IMPLEMENTATIONS[impl].backward(*_dense(gout, u, delta, A, B, C, D, z, delta_bias), delta_softplus,
+                                           *_dense(r0, r1, r2))
     return tuple(_placeholder(gout) if g is None else g.contiguous() for g in grads)
 
 
@@ -131,6 +139,20 @@ def _backward(ctx, gout, *_):
 
 
 selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def functional_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl):
+    """The operator as plain, functional aten ops: the PyTorch scan with its recurrence out of place, whichever
+    ``impl`` the graph names (the numbers are the same). Exporters that do not know the operator get this in its
+    place (``ExportedProgram.run_decompositions(DECOMPOSITIONS)``, then ONNX). A decomposition rather than an
+    onnxscript translation of the operator: one implementation, in PyTorch, tested against the training scan,
+    good for any backend that takes an aten graph."""
+    out, last, residuals = torch_scan.forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                              recurrence=torch_scan.linear_scan_functional)
+    return (out, last, *_padded(residuals, A))
+
+
+DECOMPOSITIONS = {torch.ops.mambavision.selective_scan.default: functional_selective_scan}
 
 
 def scan_macs(b: int, d: int, l: int, n: int, with_D: bool = True) -> int:

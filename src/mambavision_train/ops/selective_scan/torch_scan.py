@@ -66,6 +66,28 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def linear_scan_functional(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``linear_scan`` without writing into any tensor: the same two-level scan (the same chunks, the same order of
+    operations up to fused multiply-adds), built from new tensors. Exporters need a graph without in-place writes
+    (ONNX has none; torch.export's decompositions must be functional); training keeps the in-place loop, which
+    allocates nothing per step."""
+    kk, nc = x.shape[:2]
+    steps = [x[0]]
+    for k in range(1, kk):
+        steps.append(a[k] * steps[-1] + x[k])
+    h = torch.stack(steps)
+    if nc == 1:
+        return h
+    prods = [a[0, 1:]]
+    for k in range(1, kk):
+        prods.append(prods[-1] * a[k, 1:])
+    prod = torch.stack(prods)
+    carries = [h[-1, 0]]
+    for c in range(1, nc - 1):  # the last chunk's carry feeds nothing
+        carries.append(h[-1, c] + prod[-1, c - 1] * carries[-1])
+    return torch.cat([h[:, :1], h[:, 1:] + prod * torch.stack(carries).unsqueeze(0)], dim=1)
+
+
 def linear_scan_reverse(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The adjoint of ``linear_scan``: s_t = g_t + a_{t+1} * s_{t+1}. Overwrites and returns g."""
     s = g
@@ -114,13 +136,14 @@ def residuals_like(u, A, z):
     return [state, torch.empty_like(state), u.new_empty((b, d, l) if z is not None else (0,), dtype=cdt)]
 
 
-def forward(u, delta, A, B, C, D, z, delta_bias, softplus):
-    """(out in u's dtype, last state, residuals [dA, h, y before the z gate (only with z)]); B, C: (b, n, l)."""
+def forward(u, delta, A, B, C, D, z, delta_bias, softplus, recurrence=linear_scan):
+    """(out in u's dtype, last state, residuals [dA, h, y before the z gate (only with z)]); B, C: (b, n, l).
+    ``recurrence``: ``linear_scan``, or ``linear_scan_functional`` for exporters (the rest writes in place nowhere)."""
     seqlen = u.shape[-1]
     cdt, _, _, u_s, dt_s, B_s, C_s = _layout(u, delta, B, C, delta_bias, softplus)  # (K, nc, b, d|n); padding dt = 0
     k = u_s.shape[0]
     dA = torch.exp(dt_s.unsqueeze(-1) * A.to(cdt))  # (K, nc, b, d, n); 1 on padding
-    h = linear_scan(dA, (dt_s * u_s).unsqueeze(-1) * B_s.unsqueeze(-2))
+    h = recurrence(dA, (dt_s * u_s).unsqueeze(-1) * B_s.unsqueeze(-2))
     y = _from_scan((h * C_s.unsqueeze(-2)).sum(-1), seqlen)
     if D is not None:
         y = y + D.to(cdt)[:, None] * u.to(cdt)

@@ -1,0 +1,106 @@
+"""What the trainer costs beyond the training itself: ``Trainer.fit()`` against a bare loop of the same model, data,
+optimizer, schedule, EMA and validation, side by side in one process.
+
+    python benchmarks/trainer_overhead.py [--epochs 3] [--repeats 2] [--kind folder|ffcv]
+
+Both run the demo (MambaVision-demo at 32 px on the bundled digits, aug=light, AdamW, EMA, validation of the base
+and the EMA weights every epoch) from the same seed on the same loader. The bare loop is what a nanoGPT-style script
+would do: no checkpoints, meters, logs, metrics files or curves. The difference is the trainer's overhead: the
+exactness machinery (verdicts, RNG states), checkpoints every epoch, metrics.jsonl/csv, curves.png, log lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from timm.loss import LabelSmoothingCrossEntropy
+
+import mambavision_train  # noqa: F401
+from common import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_config(run_dir, epochs: int, kind: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from mambavision_train.config import register
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=["experiment=demo", f"data.kind={kind}", f"epochs={epochs}",
+                                          "logger.mode=disabled", "progress=false", f"run_dir={run_dir}"])
+
+
+def trainer(cfg) -> float:
+    from mambavision_train.engine.trainer import Trainer
+    t = Trainer(cfg)  # building (data check, model, loaders) is not timed: the bare loop's building is not either
+    t0 = time.perf_counter()
+    t.fit()
+    return time.perf_counter() - t0
+
+
+def bare(cfg) -> float:
+    """The demo's training written out plainly with the package's own parts."""
+    from mambavision_train.data import AugConfig, DataConfig, build_loader, from_config
+    from mambavision_train.engine.ema import EMA
+    from mambavision_train.engine.evaluate import create_model, evaluate, variant_data_args
+    from mambavision_train.optim import build_optimizer, build_scheduler
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, cfg.data.num_classes)
+    ema = EMA(model, cfg.ema.decay)
+    model = model.to(memory_format=torch.channels_last)
+    ema.module.to(memory_format=torch.channels_last)
+    view = variant_data_args(model, cfg.model)
+    data, aug = from_config(DataConfig, cfg.data), from_config(AugConfig, cfg.aug)
+    common = dict(res=view["res"], mean=view["mean"], std=view["std"], seed=cfg.seed)
+    train, train_aug = build_loader(data, aug, train=True, batch_size=cfg.micro_batch_size, **common)
+    val, val_aug = build_loader(data, aug, train=False, batch_size=cfg.eval_batch_size, **{**view, **common})
+    opt = build_optimizer(cfg.optim, model)
+    sched = build_scheduler(cfg.sched, opt, cfg.epochs, len(train))
+    criterion = LabelSmoothingCrossEntropy(cfg.aug.smoothing)
+    t0, step = time.perf_counter(), 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        train.set_epoch(epoch)
+        for images, labels in train:
+            step += 1
+            sched.step_update(step)
+            x, y = train_aug(images, labels)
+            loss = criterion(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            ema.update(model)
+        evaluate(model, val, val_aug)
+        evaluate(ema.module, val, val_aug)
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--kind", default="folder", choices=["folder", "ffcv"])
+    args = ap.parse_args()
+    print(f"# trainer overhead: demo, {args.epochs} epochs, data.kind={args.kind}; {machine()}", flush=True)
+    times = {"bare loop": [], "Trainer.fit()": []}
+    bare(demo_config(tempfile.mkdtemp(), 1, args.kind))  # warm-up: the digits built, caches filled
+    for _ in range(args.repeats):
+        times["bare loop"].append(bare(demo_config(tempfile.mkdtemp(), args.epochs, args.kind)))
+        times["Trainer.fit()"].append(trainer(demo_config(tempfile.mkdtemp(), args.epochs, args.kind)))
+        print({k: [round(t, 2) for t in v] for k, v in times.items()}, flush=True)
+    base = statistics.median(times["bare loop"])
+    print("\n| run | s (median) | vs bare loop |\n|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts):.2f} | {statistics.median(ts) / base:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()
