@@ -8,12 +8,8 @@ import os
 import sys
 from dataclasses import fields, is_dataclass
 
-
-def say(line: str):
-    """One line on stderr in one write: stderr is write-through, so print() would send the text and its newline
-    separately and the lines of several ranks could run into each other."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+from .errors import RunError
+from .log import say
 
 
 def entry(hydra_main):
@@ -54,32 +50,14 @@ def config_error(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
-def ending(e: BaseException) -> tuple[str, int] | None:
-    """The one line and exit status of an exception that ends a run as it may (a bad request, a stop on a signal
-    after the checkpoint); None for anything else (a bug: its traceback is wanted)."""
-    from .config import ConfigError
-    from .data import DataError
-    from .data.convert import ConversionError
-    from .engine.resume import ResumeError
-    from .engine.trainer import TrainingError
-    from .models import CheckpointError
-    from .preemption import Stopped
-    if isinstance(e, Stopped):  # a checkpoint was written; the scheduler brings the job back if it should
-        return str(e), e.code
-    if isinstance(e, (ConfigError, TrainingError, ResumeError, DataError, CheckpointError, ConversionError)):
-        return f"error: {e}", 2
-    return None
-
-
 def run_main(fn):
     from .distributed import cleanup
     try:
         return fn()
     except Exception as e:
-        end = ending(e)
-        if end is None:
-            raise
-        say(end[0])
-        sys.exit(end[1])
+        if not isinstance(e, RunError):
+            raise  # a bug: its traceback is wanted
+        say(e.line())
+        sys.exit(e.code)
     finally:
         cleanup()

@@ -17,6 +17,8 @@ from typing import Optional, Tuple
 
 from omegaconf import MISSING
 
+from .errors import ConfigError
+
 from .data import AugConfig, DataConfig
 from .data import KINDS as DATA_KINDS
 
@@ -217,10 +219,6 @@ def register():
 
 
 # ----------------------------------------------------------------------------------------------------- checks
-class ConfigError(ValueError):
-    """A request that cannot be run: the message names the key and what to set."""
-
-
 def _in(cfg, key: str, lo=None, hi=None, lo_open=False, hi_open=False):
     from omegaconf import OmegaConf
     v = OmegaConf.select(cfg, key)

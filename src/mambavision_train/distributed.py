@@ -106,7 +106,7 @@ def pick_device(device: str, local_rank: int) -> torch.device:
     if visible == 1:
         return torch.device("cuda:0")
     if local_rank >= visible:
-        from .config import ConfigError
+        from .errors import ConfigError
         raise ConfigError(f"local rank {local_rank} has no GPU of its own: this process sees {visible} GPU(s) "
                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one process "
                           f"per GPU (--ntasks-per-node = --gpus-per-node)")

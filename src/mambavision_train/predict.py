@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .cli import say
+from .log import say
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 
@@ -135,7 +135,7 @@ def main(argv=None):
         sys.exit(f"error: --out {args.out}: give a .csv or .json file")
     files = find_images(args.paths)
     from .models.loading import load_source
-    from .models.pretrained import CheckpointError
+    from .errors import CheckpointError
     try:
         loaded = load_source(args.source, args.weights)
     except CheckpointError as e:

@@ -25,20 +25,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .cli import say
+from .log import say
 from .distributed import barrier
+from .errors import Stopped
 
 # Priority when ranks saw different signals: a requeue request wins over a plain stop.
 PRIORITY = {signal.SIGTERM: 1, signal.SIGUSR1: 2, signal.SIGUSR2: 3}
 BY_PRIORITY = {v: k for k, v in PRIORITY.items()}
-
-
-class Stopped(Exception):
-    """The run stopped on a signal after writing its checkpoint; ``code`` is the process's exit status."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
 
 
 class StopSignals:

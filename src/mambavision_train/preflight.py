@@ -41,7 +41,7 @@ class TrainRequest:
 def writable(key: str, path, file: bool = False) -> None:
     """``path`` (a folder, or with ``file`` a file) can be created and written: its first existing ancestor is a
     writable folder (an existing file: writable itself)."""
-    from .config import ConfigError
+    from .errors import ConfigError
     p = Path(path).expanduser().absolute()
     if file and p.is_file():
         if not os.access(p, os.W_OK):
@@ -59,7 +59,8 @@ def check_train(cfg, world_size: int) -> TrainRequest:
     """Everything about a training request that can go wrong before any expensive work: the config (config.py),
     both splits of the data and their classes, enough images for one step, a run directory that can be written and
     that does not hold another run it would overwrite."""
-    from .config import ConfigError, validate_train
+    from .config import validate_train
+    from .errors import ConfigError
     from .data import AugConfig, DataConfig, check, class_map, from_config, num_images
     from .engine.resume import refuse_a_used_run_dir
     accumulation = validate_train(cfg, world_size)

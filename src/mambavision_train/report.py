@@ -17,15 +17,12 @@ import sys
 from pathlib import Path
 
 from . import curves
+from .errors import ReportError
 from .engine.eval_run import read_table
 from .metrics import duration
 
 # Okabe-Ito, in order: one colour per run in the comparison figure.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
-
-
-class ReportError(ValueError):
-    """An argument that is neither a run, an eval table nor a folder of them: the message says which."""
 
 
 def collect(paths: list[str]) -> tuple[list[Path], list[Path]]:
@@ -244,7 +241,7 @@ def write(paths: list[str], out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    from .cli import say
+    from .log import say
     parser = argparse.ArgumentParser(prog="python -m mambavision_train.report", description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run directory, eval table, or a folder of them")
     parser.add_argument("--out", default="report", help="folder for report.md and its figures (default: report)")

@@ -10,7 +10,6 @@ run leaves behind"):
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import socket
@@ -20,37 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from . import curves
-
-
-class RunLog:
-    """Rank 0's lines, on stdout and appended to train.log; off rank 0 (``path`` None) nothing: the other ranks
-    would repeat them. The file is opened per line, so nothing stays open and a crash loses no line."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, text: str, console: bool = True):
-        """``console=False``: the log only (a line a progress bar replaces on a terminal, or one that cli.py already
-        writes to stderr)."""
-        if self.path is None:
-            return
-        if console:
-            print(text, flush=True)
-        with open(self.path, "a") as f:
-            f.write(text + "\n")
-
-    @contextlib.contextmanager
-    def failures(self):
-        """The line that ends the run (cli.py writes it to stderr) goes into train.log too."""
-        from .cli import ending
-        try:
-            yield
-        except BaseException as e:
-            end = ending(e) if isinstance(e, Exception) else None
-            self(end[0] if end else f"error: {type(e).__name__}: {e} (the traceback is on stderr)", console=False)
-            raise
+from .log import RunLog
 
 
 def command_line_overrides() -> list[str]:

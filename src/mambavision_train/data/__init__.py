@@ -11,6 +11,7 @@ import importlib.util
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..errors import DataError
 from .augment import AugConfig, DeviceAugment
 from .order import Shard
 
@@ -40,10 +41,6 @@ def from_config(cls, cfg):
     if unknown:
         raise DataError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(known)}")
     return cls(**values)
-
-
-class DataError(RuntimeError):
-    """Data that is missing or not prepared: the message says how to prepare it."""
 
 
 FFCV_EXTRA = "pip install 'mambavision-train[ffcv]' (docs/data.md)"

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from . import DataError
+from ..errors import DataError
 
 
 def scan_tree(split_dir, class_to_idx: dict | None = None) -> tuple[list[str], list[tuple[str, int]]]:

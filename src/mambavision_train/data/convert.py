@@ -30,6 +30,7 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
+from ..errors import ConversionError
 from . import FFCV_EXTRA, ffcv_installed
 from .classes import scan_tree
 from .classes import write as write_classes
@@ -52,10 +53,6 @@ class ConvertOptions:
     workers: int = field(default_factory=default_workers)
     overwrite: bool = False
     chunk_size: int = 100
-
-
-class ConversionError(RuntimeError):
-    pass
 
 
 def _check(args):

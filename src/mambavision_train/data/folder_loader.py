@@ -39,9 +39,9 @@ from PIL import Image
 from timm.data import auto_augment, create_transform
 from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import DataLoader, Dataset, Sampler
-from ..cli import say
+from ..log import say
 from ..preemption import PRIORITY as STOP_SIGNALS
-from . import DataError
+from ..errors import DataError
 from .classes import scan_tree
 from .images import BadImage, load_rgb
 from .order import Shard, batches_per_epoch, rank_indices, sample_key

@@ -25,8 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..cli import say
-from . import DataError
+from ..log import say
+from ..errors import DataError
 
 SPLITS = ("train", "val")
 WHERE = "download them from https://image-net.org (account required; docs/data.md)"

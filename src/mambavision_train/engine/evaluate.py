@@ -66,7 +66,7 @@ def evaluate(model, loader, device_aug, autocast=contextlib.nullcontext, progres
     model.train(was_training)
     loss, top1, top5, top_k, n = all_reduce_sum(totals).tolist()
     if n == 0:  # else a top-1 of 0 that looks like a result
-        from ..data import DataError
+        from ..errors import DataError
         raise DataError("evaluation saw no image: the validation loader gave no batch (a set smaller than one batch, "
                         "on a loader that drops the last one?); give it more images or a smaller eval batch size")
     out = {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, f"top{topk}": 100.0 * top_k / n,

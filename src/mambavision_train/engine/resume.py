@@ -15,14 +15,11 @@ from omegaconf import OmegaConf
 
 from .. import checkpoint as ckpt
 from ..distributed import all_reduce_max
+from ..errors import ResumeError
 from ..recipe import differences
 
 # Settings a run may change when it resumes without resume_allow_changes: they do not change what is trained.
 RESUMABLE_CHANGES = {"micro_batch_size", "amp", "model.crop_pct"}
-
-
-class ResumeError(RuntimeError):
-    """No checkpoint to continue from, or one that belongs to another run: the message says what to do."""
 
 
 def refuse_a_used_run_dir(run_dir: Path, resume: str):

@@ -29,21 +29,18 @@ from ..data import classes as class_files
 from ..distributed import (DistInfo, all_reduce_max, env_world_size, gather_objects, init_distributed,
                            reduce_bn_stats)
 from ..metrics import MetricsLogger, Throughput, duration
-from ..models.pretrained import CheckpointError, init_from
+from ..models.pretrained import init_from
 from ..optim import build_optimizer, build_scheduler, freeze
 from ..parallel import clip_grad_norm, grad_sync, is_sharded, parallelize
+from ..errors import CheckpointError, TrainingError
 from ..preemption import StopSignals
-from ..rundir import RunLog
+from ..log import RunLog
 from .ema import EMA
 from ..ops.selective_scan import resolve_impl
 from ..precision import AMP_NAMES, amp_dtype, autocast, set_determinism
 from .evaluate import create_model, evaluate, variant_data_args
 from .mesa import mesa_active, mesa_loss
 from .resume import checkpoints_to_try, load_first_good
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (bad config, non-finite loss): the message says what to do."""
 
 
 @dataclass

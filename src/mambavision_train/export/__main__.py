@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..cli import say
-from ..models.pretrained import CheckpointError
+from ..log import say
+from ..errors import CheckpointError
 from ..ops.selective_scan import ENV_VAR
 from . import onnx_graph
 from ..models.loading import load_source

@@ -18,11 +18,9 @@ import torch
 import torch.nn as nn
 from torch.export import Dim, ExportedProgram
 
+from ..errors import ExportError
+
 INPUT = "images"
-
-
-class ExportError(RuntimeError):
-    """A request the exporter refuses, in one line that says what to do."""
 
 
 class CheckFailed(RuntimeError):

@@ -4,7 +4,8 @@ from .flops import count_flops
 from .fpn import MambaVisionFPN, fpn_backbone
 from .mambavision import MambaVision, MambaVisionMixer, default_cfgs
 from .paper import PAPER, is_in21k, paper_row
-from .pretrained import CheckpointError, load_pretrained, read_checkpoint
+from ..errors import CheckpointError
+from .pretrained import load_pretrained, read_checkpoint
 
 __all__ = ["MambaVision", "MambaVisionMixer", "default_cfgs", "load_pretrained", "read_checkpoint",
            "CheckpointError", "count_flops", "PAPER", "is_in21k", "paper_row", "MambaVisionDense", "dense_backbone",

@@ -18,7 +18,8 @@ from timm.layers import LayerNorm2d
 from timm.models._features import feature_take_indices
 
 from .mambavision import ARCHS, MambaVision
-from .pretrained import CheckpointError, _describe_mismatch, read_weights
+from ..errors import CheckpointError
+from .pretrained import _describe_mismatch, read_weights
 
 _log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from .mambavision import ARCHS
-from .pretrained import CheckpointError, is_training_checkpoint, load_pretrained, read_checkpoint, read_weights
+from ..errors import CheckpointError
+from .pretrained import is_training_checkpoint, load_pretrained, read_checkpoint, read_weights
 
 # The official package's model names (the 'arch' its checkpoints record) to ours.
 OFFICIAL_ARCH = {"mamba_vision_T": "mambavision_t", "mamba_vision_T2": "mambavision_t2",

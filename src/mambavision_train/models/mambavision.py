@@ -435,7 +435,7 @@ def _create_mambavision(variant: str, pretrained: bool = False, **kwargs):
                                  pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
 
     if pretrained and not (cfg.file or cfg.hf_hub_id):
-        from .pretrained import CheckpointError
+        from ..errors import CheckpointError
         raise CheckpointError(f"{variant} has no released weights: give a file with "
                               "pretrained_cfg_overlay=dict(file=...), or load one with load_pretrained")
 

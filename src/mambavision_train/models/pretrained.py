@@ -18,16 +18,14 @@ import torch
 import torch.nn as nn
 from timm.models import clean_state_dict
 
+from ..errors import CheckpointError
+
 # What an official (timm CheckpointSaver) checkpoint pickles besides tensors and builtins: the argparse
 # namespace of the training run under 'args'. Nothing else is allowed to be unpickled.
 SAFE_GLOBALS = [argparse.Namespace]
 # Wrappers that prefix every parameter name, beyond the DDP / torch.compile ones timm's clean_state_dict strips:
 # the transformers/HF wrapper, detection and segmentation backbones.
 WRAPPER_PREFIXES = ("model.", "backbone.", "encoder.")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded into the model as asked."""
 
 
 def read_checkpoint(path: str | os.PathLike) -> Mapping:
