@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from . import files
 
 # metrics.csv, like timm's summary.csv: column -> the key of the epoch's record in metrics.jsonl.
 CSV_COLUMNS = {
@@ -119,16 +120,9 @@ def epoch_axis(ax):
     ax.set_xlim(left=0)
 
 
-def aside(path: Path) -> Path:
-    """Where to write ``path`` before renaming it into place: a reader (a browser, a copy mid-run) never sees half a
-    file, and two writers at once (paper_table.sbatch's array elements) each rename a whole one."""
-    return Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
-
-
 def save(fig, path: Path):
-    tmp = aside(path)
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
+    with files.replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
 
 
 def draw(data: dict, path: Path, title: str = ""):

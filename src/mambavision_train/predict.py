@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from . import files
 from .log import say
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
@@ -104,8 +105,7 @@ def predict(source, files: list[Path], topk: int, batch_size: int, workers: int,
 def write(rows: list, out: Path, topk: int):
     """CSV: path, then class_i and prob_i for i = 1..k; JSON: a list of {path, top: [{class, prob}]}. Written aside
     and renamed into place."""
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with files.replacing(out) as tmp, open(tmp, "w", newline="") as f:
         if out.suffix == ".json":
             json.dump([{"path": str(p), "top": [{"class": c, "prob": round(q, 6)} for c, q in top]}
                        for p, top in rows], f, indent=1)
@@ -113,7 +113,6 @@ def write(rows: list, out: Path, topk: int):
             w = csv.writer(f)
             w.writerow(["path", *[col for i in range(1, topk + 1) for col in (f"class_{i}", f"prob_{i}")]])
             w.writerows([[p, *[v for c, q in top for v in (c, f"{q:.6f}")]] for p, top in rows])
-    os.replace(tmp, out)
 
 
 def main(argv=None):

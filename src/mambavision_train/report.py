@@ -12,11 +12,10 @@ the PNGs it links to by relative paths, so the folder can be copied whole.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from . import curves
+from . import curves, files
 from .errors import ReportError
 from .engine.eval_run import read_table
 from .metrics import duration
@@ -234,9 +233,7 @@ def write(paths: list[str], out: Path) -> Path:
         if groups:
             lines += seeds_markdown(groups)
     report = out / "report.md"
-    tmp = curves.aside(report)
-    tmp.write_text("\n".join(lines).rstrip() + "\n")
-    os.replace(tmp, report)
+    files.write_text(report, "\n".join(lines).rstrip() + "\n")
     return report
 
 

@@ -11,14 +11,13 @@ run leaves behind"):
 from __future__ import annotations
 
 import csv
-import os
 import socket
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import curves
+from . import curves, files
 from .log import RunLog
 
 
@@ -46,12 +45,10 @@ def cell(column: str, value) -> str:
 
 
 def write_csv(rows: list[dict], path: Path):
-    tmp = curves.aside(path)
-    with open(tmp, "w", newline="") as f:
+    with files.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(curves.CSV_COLUMNS))
         writer.writeheader()
         writer.writerows({k: cell(k, v) for k, v in row.items()} for row in rows)
-    os.replace(tmp, path)
 
 
 def update(run_dir: Path, log: RunLog):

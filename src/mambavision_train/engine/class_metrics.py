@@ -4,10 +4,11 @@ set needs), and the confusion matrix, as CSV files and, for up to ``PNG_MAX_CLAS
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import torch
+
+from .. import files
 
 PNG_MAX_CLASSES = 50  # beyond that a confusion matrix is a grey square: the CSV holds it
 
@@ -27,12 +28,10 @@ def balanced_accuracy(rows: list[dict]) -> float:
 
 
 def _atomic_csv(path: Path, header: list, rows: list[list]):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with files.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def write(confusion: torch.Tensor, names: list[str], out: Path, title: str) -> dict:
@@ -75,6 +74,5 @@ def draw(confusion: torch.Tensor, names: list[str], path: Path, title: str):
                     ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=7,
                             color="white" if share[i, j] > 0.5 else "black")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with files.replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
