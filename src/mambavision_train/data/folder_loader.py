@@ -41,6 +41,7 @@ from timm.data.transforms_factory import transforms_imagenet_train
 from torch.utils.data import DataLoader, Dataset, Sampler
 from ..log import say
 from ..preemption import PRIORITY as STOP_SIGNALS
+from .. import rng
 from ..errors import DataError
 from .classes import scan_tree
 from .images import BadImage, load_rgb
@@ -90,9 +91,7 @@ def seeded(key: int):
     torch.manual_seed would also reseed every CUDA generator (DropPath's, the device augmentation's), which nothing
     here restores."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(key)
-    np.random.seed(key % 2**32)
-    torch.default_generator.manual_seed(key % 2**63)
+    rng.seed_host(key)
     try:
         yield
     finally:
