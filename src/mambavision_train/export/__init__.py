@@ -7,7 +7,7 @@ The pieces, for scripts: ``load_source`` (models/loading.py, what predict uses t
 
 from .onnx_graph import EXPORT_EXTRA, check_onnx, write_onnx
 from ..models.loading import Source, load_source
-from .tracing import ExportError
+from ..errors import ExportError
 from .tracing import CheckFailed, Target, check_pt2, target, trace, trace_size
 
 __all__ = ["load_source", "Source", "target", "Target", "trace", "trace_size", "write_onnx", "check_onnx",

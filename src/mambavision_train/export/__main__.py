@@ -28,7 +28,7 @@ from ..errors import CheckpointError
 from ..ops.selective_scan import ENV_VAR
 from . import onnx_graph
 from ..models.loading import load_source
-from .tracing import ExportError
+from ..errors import ExportError
 from .tracing import INPUT, CheckFailed, check_pt2, custom_op_calls, dim_names, input_shape, target, trace, trace_size
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}

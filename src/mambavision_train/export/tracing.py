@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 from torch.export import Dim, ExportedProgram
 
-from ..errors import ExportError
 
 INPUT = "images"
 
