@@ -49,7 +49,8 @@ def bare(cfg) -> float:
     """The demo's training written out plainly with the package's own parts."""
     from mambavision_train.data import AugConfig, DataConfig, build_loader, from_config
     from mambavision_train.engine.ema import EMA
-    from mambavision_train.engine.evaluate import create_model, evaluate, variant_data_args
+    from mambavision_train.engine.evaluate import evaluate
+    from mambavision_train.models.build import create_model, variant_data_args
     from mambavision_train.optim import build_optimizer, build_scheduler
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, cfg.data.num_classes)

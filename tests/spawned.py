@@ -42,10 +42,10 @@ def fsdp_mixed_precision(rank: int) -> dict:
 
     import mambavision_train  # noqa: F401
     from mambavision_train.models.mambavision import Block, MambaVisionMixer
-    from mambavision_train.parallel import shard_like_fsdp
+    from mambavision_train.models.parallelize import fsdp_units
     torch.manual_seed(0)
     model = timm.create_model("mambavision_demo", img_size=32)
-    shard_like_fsdp(model, torch.bfloat16)
+    fsdp_units(model, torch.bfloat16)
     seen = {}
 
     def record(name):
@@ -92,10 +92,10 @@ def fsdp_eval_with_an_empty_shard(rank: int, root: str) -> dict:
     import mambavision_train  # noqa: F401
     from mambavision_train.data import DataConfig, Shard, build_loader
     from mambavision_train.engine.evaluate import evaluate
-    from mambavision_train.parallel import shard_like_fsdp
+    from mambavision_train.models.parallelize import fsdp_units
     torch.manual_seed(0)
     model = timm.create_model("mambavision_demo", img_size=32)
-    shard_like_fsdp(model, None)
+    fsdp_units(model, None)
     loader, aug = build_loader(DataConfig(kind="folder", root=root, num_classes=10, num_workers=0), None, train=False,
                                batch_size=4, res=32, shard=Shard(rank, 2))
     return {"batches": sum(1 for _ in loader), "count": evaluate(model, loader, aug)["count"]}

@@ -120,3 +120,72 @@ def duration(seconds: float) -> str:
     days, rest = divmod(int(seconds), 86400)
     h, rest = divmod(rest, 3600)
     return (f"{days}d " if days else "") + f"{h:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class RunMetrics:
+    """What a run reports, on rank 0: the periodic training line (train.log, and the console where no progress bar
+    shows it), each epoch's row of metrics.jsonl (metrics.csv and curves.png are derived from it), and the summary at
+    the end. The trainer hands over numbers; the wording and the files are decided here."""
+
+    def __init__(self, run_dir: Path, logger: MetricsLogger, meter: Throughput, log, is_main: bool, live: bool):
+        self.run_dir, self.logger, self.meter, self.log, self.is_main, self.live = (run_dir, logger, meter, log,
+                                                                                    is_main, live)
+        self.summarized_at = None  # the global step metrics.csv and curves.png were last written at
+
+    def train_line(self, st, out: dict, lr: float, steps_per_epoch: int):
+        speed = self.meter.report()
+        metrics = {"train/loss": out["loss"], "train/grad_norm": out["grad_norm"], "train/lr": lr,
+                   "train/img_per_s": speed["img_per_s"], "train/data_wait_frac": speed["data_wait_frac"],
+                   "train/epoch": st.epoch,
+                   "train/epochs_done": st.epoch + st.step / steps_per_epoch,  # curves.png's x
+                   "train/skipped_steps": st.skipped_steps}
+        import torch
+        if torch.cuda.is_available():
+            metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.logger.log(metrics, st.global_step)
+        # On a terminal the bar shows this; train.log gets the line either way.
+        self.log(f"train epoch {st.epoch} step {st.step}/{steps_per_epoch} global {st.global_step} "
+                 f"loss {out['loss']:.4f} lr {lr:.3e} img/s {speed['img_per_s']:.1f} "
+                 f"data {100 * speed['data_wait_frac']:.0f}% eta {duration(speed['eta_s'])}", console=not self.live)
+
+    def epoch_end(self, st, val: dict, lr: float, speed: dict):
+        """The epoch's line and its row of metrics.csv (curves.py): what this record holds beyond the line. speed:
+        the training part's, measured before validation."""
+        val = {**val, "train/epoch_time_s": speed["time_s"]}
+        self.log(f"val epoch {st.epoch} " + " ".join(f"{k} {v:.3f}" for k, v in val.items()))
+        mean_loss = st.epoch_loss_sum / st.epoch_loss_steps if st.epoch_loss_steps else float("nan")
+        self.logger.log({**val, "train/epoch": st.epoch, "train/epoch_loss": mean_loss, "train/lr": lr,
+                         "train/epoch_img_per_s": speed["img_per_s"],
+                         "train/epoch_data_wait_frac": speed["data_wait_frac"]}, st.global_step)
+        self.summarize(st.global_step)
+
+    def summarize(self, global_step: int):
+        """metrics.csv and curves.png from what metrics.jsonl holds now (at most once per step)."""
+        from . import rundir
+        if self.is_main and self.summarized_at != global_step:
+            rundir.update(self.run_dir, self.log)
+            self.summarized_at = global_step
+
+    def finish(self, st, val: dict, images: int, elapsed: float) -> dict:
+        """The summary: in W&B, and as a table at the end of train.log. Returns it."""
+        self.summarize(st.global_step)
+        summary = {"base_top1": val.get("val/top1"), "ema_top1": val.get("val_ema/top1"),
+                   "best_top1": st.best_top1, "best_epoch": st.best_epoch, "img_per_s": images / max(elapsed, 1e-9),
+                   "epochs": st.epoch, "global_step": st.global_step, "skipped_steps": st.skipped_steps,
+                   "checkpoints": str(self.run_dir / "checkpoints"), "minutes": elapsed / 60}
+        self.logger.summary(summary)
+        self.log(summary_table(summary))
+        self.logger.close()
+        return summary
+
+
+def summary_table(s: dict) -> str:
+    fmt = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+    rows = [("val top-1, base weights", s["base_top1"]), ("val top-1, EMA weights", s["ema_top1"]),
+            ("best top-1 (selects best.pth.tar)", s["best_top1"]), ("best epoch", s["best_epoch"]),
+            ("train images/s", s["img_per_s"]), ("epochs done", s["epochs"]), ("optimizer steps", s["global_step"]),
+            ("skipped steps (non-finite loss)", s["skipped_steps"]), ("wall time, minutes", s["minutes"]),
+            ("checkpoints", s["checkpoints"])]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(["", "| summary" + " " * (width - 6) + "| value |", "|" + "-" * (width + 2) + "|-------|"] +
+                     [f"| {k:<{width}} | {fmt(v)} |" for k, v in rows])

@@ -1,14 +1,6 @@
-"""How the model is spread over the ranks: not at all, DDP, or FSDP2.
-
-FSDP2 shards every block (and the rest at the root) with ``fully_shard``. The stage-3/4 blocks (Mamba mixer or
-attention, LayerNorm only) gather their parameters in the AMP dtype and reduce gradients in fp32 through a
-MixedPrecisionPolicy; the convolutional stages keep fp32 parameters because BatchNorm's running statistics stay fp32
-and the CUDA kernel refuses low-precision weights next to them (autocast still runs their convolutions in AMP). The
-Mamba mixers are units of their own with fp32 parameters: the SSM parameters (A_log, D, the dt bias) enter the scan
-in fp32, as they do under DDP with autocast; gathered in bf16 they would be rounded before the mixer's ``.float()``
-(autocast still runs the mixer's projections in the AMP dtype). The EMA copy is sharded the same way, so each rank
-averages only its own shard.
-"""
+"""How the model is spread over the ranks: not at all, DDP, or FSDP2 (with the units and mixed precision the model
+chooses, models/parallelize.py). Under FSDP2 the EMA copy is sharded the same way, so each rank averages only its own
+shard."""
 
 from __future__ import annotations
 
@@ -34,28 +26,13 @@ def parallelize(model: nn.Module, ema_module: nn.Module | None, cfg, info: DistI
     if cfg.kind == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
         return model, nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    shard_like_fsdp(model, param_dtype, cfg.reshard_after_forward)
+    from .models.parallelize import fsdp_units  # the model's own plan, beside it (torchtitan's parallelize.py)
+    fsdp_units(model, param_dtype, cfg.reshard_after_forward)
     if ema_module is not None:
         # Always resharded after its forward: the EMA runs no backward that would reshard it (MESA's teacher forward,
         # validation), and its update needs its shards, not gathered parameters.
-        shard_like_fsdp(ema_module, None, reshard_after_forward=True)
+        fsdp_units(ema_module, None, reshard_after_forward=True)
     return model, model
-
-
-def shard_like_fsdp(model: nn.Module, param_dtype: torch.dtype | None, reshard_after_forward: bool = True):
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from .models.mambavision import Block, ConvBlock, MambaVisionMixer
-
-    low = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for module in model.modules():  # inner units first: a unit manages the parameters no inner unit took
-        if isinstance(module, MambaVisionMixer):
-            fully_shard(module, reshard_after_forward=reshard_after_forward)
-    for module in model.modules():
-        if isinstance(module, Block):
-            fully_shard(module, mp_policy=low, reshard_after_forward=reshard_after_forward)
-        elif isinstance(module, ConvBlock):
-            fully_shard(module, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, reshard_after_forward=reshard_after_forward)
 
 
 def is_sharded(model: nn.Module) -> bool:

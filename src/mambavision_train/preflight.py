@@ -62,7 +62,7 @@ def check_train(cfg, world_size: int) -> TrainRequest:
     from .config import validate_train
     from .errors import ConfigError
     from .data import AugConfig, DataConfig, check, class_map, from_config, num_images
-    from .engine.resume import refuse_a_used_run_dir
+    from .checkpoint.resume import refuse_a_used_run_dir
     accumulation = validate_train(cfg, world_size)
     data, aug = from_config(DataConfig, cfg.data), from_config(AugConfig, cfg.aug)
     for split in (data.train_split, data.val_split):

@@ -22,7 +22,7 @@ if any(k.startswith("MV_FAULT_") for k in os.environ) and os.environ.get(_where[
 
     import torch
 
-    from mambavision_train import checkpoint
+    from mambavision_train.checkpoint import store
     from mambavision_train.engine.trainer import Trainer
 
     class _InfGrad(torch.autograd.Function):
@@ -36,19 +36,22 @@ if any(k.startswith("MV_FAULT_") for k in os.environ) and os.environ.get(_where[
 
     if "MV_FAULT_NAN" in os.environ:
         rank, step, *kind = os.environ["MV_FAULT_NAN"].split(":")
-        build_criterion = Trainer.build_criterion
+        train_step = Trainer.train_step
 
-        def faulty_criterion(self):
-            criterion = build_criterion(self)
+        def faulty_step(self, batches):
+            if not (self.dist.rank == int(rank) and self.state.global_step + 1 == int(step)):
+                return train_step(self, batches)
+            loss = self.loss
+            if kind == ["grad"]:
+                self.loss = lambda logits, target, images: loss(_InfGrad.apply(logits), target, images)
+            else:
+                self.loss = lambda logits, target, images: loss(logits, target, images) * float("nan")
+            try:
+                return train_step(self, batches)
+            finally:
+                self.loss = loss
 
-            def loss(logits, target):
-                hit = self.dist.rank == int(rank) and self.state.global_step + 1 == int(step)
-                if hit and kind == ["grad"]:
-                    return criterion(_InfGrad.apply(logits), target)
-                return criterion(logits, target) * (float("nan") if hit else 1.0)
-            return loss
-
-        Trainer.build_criterion = faulty_criterion
+        Trainer.train_step = faulty_step
 
     if "MV_FAULT_KILL_AT_STEP" in os.environ:
         kill_at, save = int(os.environ["MV_FAULT_KILL_AT_STEP"]), Trainer.save
@@ -61,7 +64,7 @@ if any(k.startswith("MV_FAULT_") for k in os.environ) and os.environ.get(_where[
         Trainer.save = save_then_die
 
     if "MV_FAULT_SLOW_SAVE" in os.environ:
-        delay, write = float(os.environ["MV_FAULT_SLOW_SAVE"]), checkpoint.RunCheckpoints.save
+        delay, write = float(os.environ["MV_FAULT_SLOW_SAVE"]), store.RunCheckpoints.save
 
         def slow_save(self, *args, **kwargs):
             if self.is_main:
@@ -69,7 +72,7 @@ if any(k.startswith("MV_FAULT_") for k in os.environ) and os.environ.get(_where[
                 time.sleep(delay)
             return write(self, *args, **kwargs)
 
-        checkpoint.RunCheckpoints.save = slow_save
+        store.RunCheckpoints.save = slow_save
 
     if "MV_FAULT_HOLD_AT_STEPS" in os.environ:
         hold_at, log_train = {int(s) for s in os.environ["MV_FAULT_HOLD_AT_STEPS"].split(",")}, Trainer.log_train

@@ -17,7 +17,8 @@ from ..preemption import requeue_on_timeout_signal
 from ..preflight import check_eval
 from ..precision import amp_dtype, autocast
 from . import class_metrics
-from .evaluate import create_model, evaluate, variant_data_args
+from ..models.build import create_model, variant_data_args
+from .evaluate import evaluate
 
 TABLE_HEAD = "| model | weights | top-1 | top-5 | paper top-1 | difference | images |\n|---|---|---|---|---|---|---|\n"
 

@@ -1,5 +1,4 @@
-"""Top-1 / top-5 / loss over a loader, summed over the ranks; what training and eval.py share about feeding a
-variant and its precision."""
+"""Top-1 / top-5 / loss over a loader, summed over the ranks: what training and eval.py share."""
 
 from __future__ import annotations
 
@@ -10,23 +9,6 @@ import torch.nn.functional as F
 
 from ..distributed import all_reduce_max, all_reduce_sum
 from ..parallel import is_sharded
-
-
-def create_model(model_cfg, num_classes: int, **extra):
-    """The variant a model config names, with the settings it gives (null: the variant's own)."""
-    import timm
-    settings = dict(scan_impl=model_cfg.scan_impl, img_size=model_cfg.img_size) | extra
-    return timm.create_model(model_cfg.name, num_classes=num_classes,
-                             **{k: v for k, v in settings.items() if v is not None})
-
-
-def variant_data_args(model, model_cfg) -> dict:
-    """How a variant is fed for evaluation: its default cfg (resolution, eval crop, interpolation, mean/std), with
-    the model config's img_size / crop_pct overrides."""
-    pcfg = model.pretrained_cfg
-    return dict(res=model_cfg.img_size or pcfg["input_size"][-1], crop_pct=model_cfg.crop_pct or pcfg["crop_pct"],
-                crop_mode=pcfg.get("crop_mode") or "center", interpolation=pcfg["interpolation"],
-                mean=pcfg["mean"], std=pcfg["std"])
 
 
 @torch.no_grad()

@@ -9,51 +9,36 @@ the official code.
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from tqdm import tqdm
 
-from .. import checkpoint as ckpt
-from .. import recipe, rundir
-from ..preflight import check_train
+from .. import recipe, rng, rundir
+from ..checkpoint import format as fmt
+from ..checkpoint.checkpointer import Checkpointer
+from ..checkpoint.states import RankBatchNorm, RankGenerators, Scaler, Schedule, TrainState
+from ..checkpoint.store import RunCheckpoints
 from ..data import Shard, build_loader
 from ..data import classes as class_files
-from ..distributed import (DistInfo, all_reduce_max, env_world_size, gather_objects, init_distributed,
-                           reduce_bn_stats)
-from ..metrics import MetricsLogger, Throughput, duration
+from ..distributed import DistInfo, all_reduce_max, env_world_size, init_distributed, reduce_bn_stats
+from ..errors import CheckpointError, TrainingError
+from ..log import RunLog
+from ..metrics import MetricsLogger, RunMetrics, Throughput
+from ..models.build import create_model, variant_data_args
 from ..models.pretrained import init_from
+from ..ops.selective_scan import resolve_impl
 from ..optim import build_optimizer, build_scheduler, freeze
 from ..parallel import clip_grad_norm, grad_sync, is_sharded, parallelize
-from ..errors import CheckpointError, TrainingError
-from ..preemption import StopSignals
-from ..log import RunLog
-from .ema import EMA
-from ..ops.selective_scan import resolve_impl
 from ..precision import AMP_NAMES, amp_dtype, autocast, set_determinism
-from .evaluate import create_model, evaluate, variant_data_args
-from .mesa import mesa_active, mesa_loss
-from .resume import checkpoints_to_try, load_first_good
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # the epoch in progress
-    step: int = 0  # optimizer steps done in that epoch
-    global_step: int = 0
-    best_top1: float = -1.0
-    best_epoch: int = -1
-    skipped_steps: int = 0
-    wandb_id: str | None = None  # the W&B step is global_step
-    epoch_loss_sum: float = 0.0  # finite step losses of the epoch in progress, for its mean in metrics.csv; kept
-    epoch_loss_steps: int = 0  # in the checkpoint so that a mid-epoch resume still averages the whole epoch
+from ..preemption import StopSignals
+from ..preflight import check_train
+from .ema import EMA
+from .evaluate import evaluate
+from .loss import Loss
 
 
 class Trainer:
@@ -86,12 +71,12 @@ class Trainer:
                             scan=self.scan)
         self.state = TrainState()
         self.live = self.dist.is_main and cfg.progress and sys.stdout.isatty()  # progress bars, else log lines
-        self._seed(cfg.seed)  # the same initial weights on every rank
+        rng.seed_all(cfg.seed)  # the same initial weights on every rank
         self.model = self.build_model()
         # Then every rank draws its own augmentation and DropPath (timm's random_seed(seed, rank), as the official
         # code): one Mixup lambda per rank, not one for the whole global batch. The data order does not depend on
         # these generators: it is a function of (seed, epoch) alone (data/order.py).
-        self._seed(cfg.seed + self.dist.rank)
+        rng.seed_all(cfg.seed + self.dist.rank)
         self.build_data()
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
         # FSDP2 shards only contiguous parameters: there channels_last stays on the activations (the convolutions
@@ -110,23 +95,21 @@ class Trainer:
         self.total_epochs = cfg.epochs + cfg.sched.cooldown_epochs
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, cfg.epochs, self.steps_per_epoch)
         self.warn_if_the_ema_cannot_follow(self.total_epochs * self.steps_per_epoch)
-        # This config's hyper-parameters, put back over a restored optimizer when resume_allow_changes is set.
-        self.fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.dtype == torch.float16)
-        self.criterion = self.build_criterion()
-        self.checkpoints = ckpt.RunCheckpoints(self.run_dir, self.model, self.ema, self.optimizer, self.dist.is_main,
-                                               sharded=is_sharded(self.model), device=self.dist.device,
-                                               keep_last_n=cfg.checkpoint.keep_last_n,
-                                               export={"classes": self.classes, "model": cfg.model.name,
-                                                       "img_size": cfg.model.img_size})
-        self.resume()
-        self.logger = MetricsLogger(self.run_dir, cfg.logger, self.dist.is_main,
-                                    OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-                                    run_id=self.state.wandb_id, name=cfg.run_name, log=self.log)
-        self.state.wandb_id = self.logger.run_id
+        self.loss = Loss(cfg.aug, cfg.mesa, cfg.epochs, teacher=self.ema.module if self.ema else None)
+        self.checkpointer = self.build_checkpointer()
+        resumed = self.checkpointer.resume(self.dist.world_size)
+        if resumed:
+            st = self.state
+            self.log(f"resumed from {resumed}: epoch {st.epoch}, step {st.step}/{self.steps_per_epoch}, "
+                     f"global step {st.global_step}")
+        logger = MetricsLogger(self.run_dir, cfg.logger, self.dist.is_main,
+                               OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                               run_id=self.state.wandb_id, name=cfg.run_name, log=self.log)
+        self.state.wandb_id = logger.run_id
         total = self.total_epochs * self.steps_per_epoch
         self.meter = Throughput(cfg.batch_size, min(total, cfg.max_steps or total), self.state.global_step)
-        self.summarized_at = None  # the global step metrics.csv and curves.png were last written at
+        self.metrics = RunMetrics(self.run_dir, logger, self.meter, self.log, self.dist.is_main, self.live)
 
     def warn_if_the_ema_cannot_follow(self, steps: int):
         """An EMA that averages over many more updates than the run has stays near the initial weights, and it is
@@ -137,11 +120,6 @@ class Trainer:
                      f"but this run has {steps}: the EMA weights (which select best.pth.tar and which eval.py "
                      f"evaluates) would stay close to the initial ones; set ema.warmup=true or "
                      f"ema.decay={max(0.0, 1 - 10 / steps):.3g}")
-
-    def _seed(self, seed):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
 
     def build_model(self):
         m = self.cfg.model
@@ -168,80 +146,34 @@ class Trainer:
                                                      batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
                                                      **{**view, **common})
 
-    def build_criterion(self):
-        aug = self.cfg.aug
-        if aug.mixup > 0 or aug.cutmix > 0:
-            return SoftTargetCrossEntropy()  # smoothing is folded into the Mixup targets
-        return LabelSmoothingCrossEntropy(aug.smoothing) if aug.smoothing > 0 else torch.nn.CrossEntropyLoss()
-
     def autocast(self):
         return autocast(self.dist.device, self.dtype)
 
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def meta_state(self) -> dict:
-        """Everything but model, EMA and optimizer (those are written by RunCheckpoints)."""
-        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "state": asdict(self.state), "data_seed": self.cfg.seed, "classes": self.classes,
-                "rng": gather_objects(ckpt.rng_state(), self.dist), "world_size": self.dist.world_size,
-                "bn_stats": gather_objects(self.bn_stats(), self.dist) if self.dist.distributed else None,
-                "config": OmegaConf.to_yaml(self.cfg, resolve=True)}
+    def build_checkpointer(self) -> Checkpointer:
+        """What a checkpoint holds besides the weights and the optimizer, registered once (checkpoint/format.py
+        names the keys)."""
+        cfg = self.cfg
+        store = RunCheckpoints(self.run_dir, self.model, self.ema, self.optimizer, self.dist.is_main,
+                               sharded=is_sharded(self.model), device=self.dist.device,
+                               keep_last_n=cfg.checkpoint.keep_last_n,
+                               export={fmt.CLASSES: self.classes, fmt.ARCH: cfg.model.name,
+                                       fmt.IMG_SIZE: cfg.model.img_size})
+        checkpointer = Checkpointer(cfg, store, self.weight_modules, self.dist.device, self.log)
+        checkpointer.register(fmt.STATE, self.state)
+        checkpointer.register(fmt.SCHEDULER, Schedule(self.scheduler, self.optimizer))
+        checkpointer.register(fmt.SCALER, Scaler(self.scaler, self.log))
+        checkpointer.register(fmt.RNG, RankGenerators(self.dist))
+        checkpointer.register(fmt.BN_STATS, RankBatchNorm(self.dist, self.weight_modules))
+        checkpointer.write_also(**{fmt.CLASSES: self.classes, fmt.WORLD_SIZE: self.dist.world_size,
+                                   fmt.CONFIG: OmegaConf.to_yaml(cfg, resolve=True)})
+        return checkpointer
 
     def weight_modules(self) -> dict:
         """What holds the run's weights and BatchNorm statistics: the model and, if on, its EMA."""
         return {"model": self.model, **({"ema": self.ema.module} if self.ema else {})}
 
-    def bn_stats(self) -> dict:
-        """This rank's BatchNorm running statistics (model and EMA).
-
-        Without SyncBN each rank's statistics drift apart between the reductions before validation; a checkpoint
-        holding only rank 0's copy (DDP, and FSDP2's replicated buffers) would make resuming inexact."""
-        return {key: {n: b.detach().cpu().clone() for n, b in m.named_buffers() if ".running_" in n}
-                for key, m in self.weight_modules().items()}
-
-    @torch.no_grad()
-    def set_bn_stats(self, stats: dict):
-        for key, module in self.weight_modules().items():
-            for name, buf in module.named_buffers():
-                if name in stats[key]:
-                    buf.copy_(stats[key][name])
-
     def save(self, best: bool = False, tag: str | None = None):
-        # Collective (RNG gather, finiteness verdict, sharded writes): every rank takes part.
-        if not ckpt.finite(self.weight_modules().values(), self.dist.device):
-            raise TrainingError(f"the weights are not finite at global step {self.state.global_step}: no checkpoint "
-                                f"written; the last good one is {ckpt.latest(self.run_dir) or 'none yet'}")
-        try:
-            self.checkpoints.save(self.meta_state(), best=best, tag=tag)
-        except ckpt.CheckpointWriteError as e:
-            raise TrainingError(str(e)) from None
-
-    def resume(self):
-        paths = checkpoints_to_try(self.run_dir, str(self.cfg.resume))
-        if not paths:
-            return
-        path, state, failed, allowed = load_first_good(self.checkpoints, paths, self.cfg, self.dist.world_size,
-                                                       list(self.weight_modules().values()), self.dist.device,
-                                                       self.log)
-        if failed:
-            self.log(f"warning: skipped {', '.join(f'{p.name} ({why})' for p, why in failed)}; resuming from the "
-                     f"newest checkpoint that loads: {path}")
-        if allowed:  # the new schedule and hyper-parameters, from the restored step on
-            for group, fresh in zip(self.optimizer.param_groups, self.fresh_groups):
-                group.update(fresh)
-        else:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"] or not self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        else:  # amp=fp16 now, bf16/fp32 before: a disabled scaler saved nothing to go on from
-            self.log(f"amp=fp16 from here on: the GradScaler starts at scale {self.scaler.get_scale():g}")
-        self.state = TrainState(**state["state"])
-        rngs = state["rng"]
-        if len(rngs) == self.dist.world_size:
-            ckpt.set_rng_state(rngs[self.dist.rank])
-            if state.get("bn_stats"):
-                self.set_bn_stats(state["bn_stats"][self.dist.rank])
-        self.log(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step}/{self.steps_per_epoch}, "
-                 f"global step {self.state.global_step}")
+        self.checkpointer.save(self.state.global_step, best=best, tag=tag)
 
     # ------------------------------------------------------------------------------------------------ steps
     def train_step(self, batches) -> dict:
@@ -249,8 +181,7 @@ class Trainer:
 
         Each micro-batch is augmented (copied off the loader's buffer) before the next is requested: FFCV reuses its
         output buffers, so holding a batch while asking for another would let the loader overwrite it."""
-        cfg, st = self.cfg, self.state
-        mesa_on = self.ema is not None and mesa_active(cfg.mesa.weight, cfg.mesa.start_ratio, st.epoch, cfg.epochs)
+        cfg = self.cfg
         losses = []
         for i in range(self.accum):
             t0 = time.perf_counter()
@@ -259,12 +190,7 @@ class Trainer:
             x, y = self.train_aug(images, labels)
             with grad_sync(self.wrapped, i == self.accum - 1):
                 with self.autocast():
-                    logits = self.train_model(x)
-                    loss = self.criterion(logits, y)
-                    if mesa_on:
-                        with torch.no_grad():
-                            ema_logits = self.ema.module(x)
-                        loss = loss + mesa_loss(logits, ema_logits, cfg.mesa.weight)
+                    loss = self.loss(self.train_model(x), y, x)
                 self.scaler.scale(loss / self.accum).backward()
             losses.append(loss.detach().float())
         losses = torch.stack(losses)
@@ -301,7 +227,7 @@ class Trainer:
             self.log(f"warning: non-finite {what} on some rank at {where}: step skipped on every rank "
                      f"({st.skipped_steps} so far)")
             return {"loss": float("nan"), "grad_norm": float("nan"), "skipped": st.skipped_steps}
-        last = ckpt.latest(self.run_dir)
+        last = fmt.latest(self.run_dir)
         raise TrainingError(f"non-finite {what} (this rank: loss {losses.tolist()}, grad norm {grad_norm}) at {where}"
                             f"; no update was applied. Last good checkpoint: {last or 'none yet'} (rerun to resume "
                             f"from it; nan_policy=skip skips such steps; try amp=bf16 or a lower optim.lr)")
@@ -311,6 +237,7 @@ class Trainer:
         self.train_model.train()
         self.train_loader.set_epoch(st.epoch, start_batch=st.step * self.accum)
         batches = iter(self.train_loader)
+        self.loss.start_epoch(st.epoch)
         # A bar on a terminal; where nobody watches one (SLURM, nohup, a pipe) the periodic lines below instead.
         bar = tqdm(total=self.steps_per_epoch, initial=st.step, desc=f"epoch {st.epoch}", unit="step",
                    disable=not self.live, dynamic_ncols=True, leave=False)
@@ -328,28 +255,16 @@ class Trainer:
             bar.set_postfix(loss=f"{out['loss']:.3f}")
             if st.global_step % cfg.log_every == 0 or st.step == self.steps_per_epoch:
                 self.log_train(out)
-            if cfg.checkpoint.every_n_steps and st.global_step % cfg.checkpoint.every_n_steps == 0 \
-                    and st.step < self.steps_per_epoch:
-                self.save(tag=f"step_{st.global_step}" if cfg.checkpoint.keep_steps else None)
+            due, tag = self.checkpointer.due(st.global_step, epoch_done=st.step == self.steps_per_epoch)
+            if due:
+                self.save(tag=tag)
             self.stopping = out["stop"]  # decided by every rank in the step's verdict
             if self.stopping or (cfg.max_steps and st.global_step >= cfg.max_steps):
                 break
         bar.close()
 
     def log_train(self, out: dict):
-        st, speed = self.state, self.meter.report()
-        metrics = {"train/loss": out["loss"], "train/grad_norm": out["grad_norm"],
-                   "train/lr": self.optimizer.param_groups[0]["lr"], "train/img_per_s": speed["img_per_s"],
-                   "train/data_wait_frac": speed["data_wait_frac"], "train/epoch": st.epoch,
-                   "train/epochs_done": st.epoch + st.step / self.steps_per_epoch,  # curves.png's x
-                   "train/skipped_steps": st.skipped_steps}
-        if torch.cuda.is_available():
-            metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        self.logger.log(metrics, st.global_step)
-        # On a terminal the bar shows this; train.log gets the line either way.
-        self.log(f"train epoch {st.epoch} step {st.step}/{self.steps_per_epoch} global {st.global_step} "
-                 f"loss {out['loss']:.4f} lr {metrics['train/lr']:.3e} img/s {speed['img_per_s']:.1f} "
-                 f"data {100 * speed['data_wait_frac']:.0f}% eta {duration(speed['eta_s'])}", console=not self.live)
+        self.metrics.train_line(self.state, out, self.optimizer.param_groups[0]["lr"], self.steps_per_epoch)
 
     def validate(self) -> dict:
         progress = (lambda it: tqdm(it, desc="val", leave=False, disable=not self.live))
@@ -369,8 +284,7 @@ class Trainer:
 
     def loop(self) -> dict:
         cfg, st = self.cfg, self.state
-        t_start, images = time.perf_counter(), 0
-        metrics = {}
+        t_start, images, val = time.perf_counter(), 0, {}
         while st.epoch < self.total_epochs and not (cfg.max_steps and st.global_step >= cfg.max_steps):
             steps_before = st.global_step
             self.train_epoch()
@@ -379,52 +293,18 @@ class Trainer:
                 self.save()
                 break
             speed = self.meter.epoch_report()
-            metrics = self.validate()
-            key = "val_ema/top1" if self.ema else "val/top1"
-            best = metrics[key] > st.best_top1
+            val = self.validate()
+            top1 = val["val_ema/top1" if self.ema else "val/top1"]  # the official code selects by the EMA
+            best = top1 > st.best_top1
             if best:
-                st.best_top1, st.best_epoch = metrics[key], st.epoch
-            metrics["train/epoch_time_s"] = speed["time_s"]
-            self.log(f"val epoch {st.epoch} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-            # The epoch's row of metrics.csv (curves.py): what this record holds beyond the line above.
-            mean_loss = st.epoch_loss_sum / st.epoch_loss_steps if st.epoch_loss_steps else float("nan")
-            self.logger.log({**metrics, "train/epoch": st.epoch, "train/epoch_loss": mean_loss,
-                             "train/lr": self.optimizer.param_groups[0]["lr"],
-                             "train/epoch_img_per_s": speed["img_per_s"],
-                             "train/epoch_data_wait_frac": speed["data_wait_frac"]}, st.global_step)
-            self.summarize()
+                st.best_top1, st.best_epoch = top1, st.epoch
+            self.metrics.epoch_end(st, val, self.optimizer.param_groups[0]["lr"], speed)
             st.epoch, st.step, st.epoch_loss_sum, st.epoch_loss_steps = st.epoch + 1, 0, 0.0, 0
             self.save(best=best)
             self.stopping = self.stopping or self.stops.requested()
             if self.stopping:
                 break
-        elapsed = time.perf_counter() - t_start
-        self.summarize()
-        summary = {"base_top1": metrics.get("val/top1"), "ema_top1": metrics.get("val_ema/top1"),
-                   "best_top1": st.best_top1, "best_epoch": st.best_epoch, "img_per_s": images / max(elapsed, 1e-9),
-                   "epochs": st.epoch, "global_step": st.global_step, "skipped_steps": st.skipped_steps,
-                   "checkpoints": str(self.run_dir / "checkpoints"), "minutes": elapsed / 60}
-        self.logger.summary(summary)
-        self.log(summary_table(summary))
-        self.logger.close()
+        summary = self.metrics.finish(st, val, images, time.perf_counter() - t_start)
         if self.stopping:
             raise self.stops.finish(self.stopping)  # every rank waits there until the checkpoint and requeue are done
         return summary
-
-    def summarize(self):
-        """Rank 0: metrics.csv and curves.png from what metrics.jsonl holds now (at most once per step)."""
-        if self.dist.is_main and self.summarized_at != self.state.global_step:
-            rundir.update(self.run_dir, self.log)
-            self.summarized_at = self.state.global_step
-
-
-def summary_table(s: dict) -> str:
-    fmt = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
-    rows = [("val top-1, base weights", s["base_top1"]), ("val top-1, EMA weights", s["ema_top1"]),
-            ("best top-1 (selects best.pth.tar)", s["best_top1"]), ("best epoch", s["best_epoch"]),
-            ("train images/s", s["img_per_s"]), ("epochs done", s["epochs"]), ("optimizer steps", s["global_step"]),
-            ("skipped steps (non-finite loss)", s["skipped_steps"]), ("wall time, minutes", s["minutes"]),
-            ("checkpoints", s["checkpoints"])]
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(["", "| summary" + " " * (width - 6) + "| value |", "|" + "-" * (width + 2) + "|-------|"] +
-                     [f"| {k:<{width}} | {fmt(v)} |" for k, v in rows])

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from .build import eval_view
 from .mambavision import ARCHS
+from ..checkpoint import format as fmt
 from ..errors import CheckpointError
 from .pretrained import is_training_checkpoint, load_pretrained, read_checkpoint, read_weights
 
@@ -68,7 +69,7 @@ def _run_config(run: Path):
 
 def _from_path(path: Path, scan_impl) -> Source:
     if path.is_dir():
-        if not (path / "checkpoints").is_dir():
+        if not fmt.directory(path).is_dir():
             raise CheckpointError(f"{path} is a directory but not a run directory (no checkpoints/ in it)")
         cfg, weights = _run_config(path), path
         if cfg is None:
@@ -76,14 +77,14 @@ def _from_path(path: Path, scan_impl) -> Source:
         arch = {"name": cfg.model.name, "img_size": cfg.model.get("img_size")}
     else:
         weights = read_checkpoint(path)  # read once: the variant and the weights both come from it
-        own = weights.get("config") if is_training_checkpoint(weights) else None
+        own = weights.get(fmt.CONFIG) if is_training_checkpoint(weights) else None
         cfg = OmegaConf.create(own) if isinstance(own, str) else None
         if cfg is None and path.parent.name == "checkpoints":
             cfg = _run_config(path.parent.parent)
         if cfg is not None:
             arch = {"name": cfg.model.name, "img_size": cfg.model.get("img_size")}
-        elif isinstance(weights.get("model"), str):  # our exported EMA files
-            arch = {"name": weights["model"], "img_size": weights.get("img_size")}
+        elif isinstance(weights.get(fmt.ARCH), str):  # our exported EMA files
+            arch = {"name": weights[fmt.ARCH], "img_size": weights.get(fmt.IMG_SIZE)}
         elif OFFICIAL_ARCH.get(weights.get("arch")):
             arch = {"name": OFFICIAL_ARCH[weights["arch"]], "img_size": None}
         else:
@@ -94,8 +95,7 @@ def _from_path(path: Path, scan_impl) -> Source:
 
 
 def _view(model, img_size) -> dict:
-    from ..engine.evaluate import variant_data_args
-    return variant_data_args(model, SimpleNamespace(img_size=img_size, crop_pct=None))
+    return eval_view(model, img_size)
 
 
 def load_source(source: str, weights: str | None = None, *, official_weights: bool = True,

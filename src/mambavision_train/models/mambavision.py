@@ -20,7 +20,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import CheckpointError
 from ..ops.selective_scan import selective_scan
+from .pretrained import load_pretrained
 
 __all__ = ["MambaVision", "MambaVisionMixer"]
 
@@ -435,14 +437,12 @@ def _create_mambavision(variant: str, pretrained: bool = False, **kwargs):
                                  pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
 
     if pretrained and not (cfg.file or cfg.hf_hub_id):
-        from ..errors import CheckpointError
         raise CheckpointError(f"{variant} has no released weights: give a file with "
                               "pretrained_cfg_overlay=dict(file=...), or load one with load_pretrained")
 
     def build(**model_kwargs) -> MambaVision:
         model = MambaVision(**model_kwargs)
         if pretrained:
-            from .pretrained import load_pretrained
             source = cfg.file or cfg.hf_hub_id
             other = model.num_classes != cfg.num_classes  # timm's idiom: pretrained=True, num_classes=N
             load_pretrained(model, source, filename=None if cfg.file else cfg.hf_hub_filename, new_classifier=other)

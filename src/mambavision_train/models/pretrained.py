@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from timm.models import clean_state_dict
 
+from ..checkpoint import format as fmt
+from ..checkpoint.format import is_training_checkpoint
 from ..errors import CheckpointError
 
 # What an official (timm CheckpointSaver) checkpoint pickles besides tensors and builtins: the argparse
@@ -135,12 +137,13 @@ def resolve_source(source: str | os.PathLike, filename: str | None = None) -> Pa
 
 def _known_filename(repo_id: str) -> str | None:
     """The weights file of an official repo: each holds one ``.pth.tar`` named after the model, not the
-    ``model.safetensors`` / ``pytorch_model.bin`` timm's hub loader looks for."""
-    from .mambavision import default_cfgs
-    for cfg in default_cfgs.values():
-        for pcfg in cfg.cfgs.values():
-            if pcfg.hf_hub_id == repo_id:
-                return pcfg.hf_hub_filename
+    ``model.safetensors`` / ``pytorch_model.bin`` timm's hub loader looks for. Read from timm's registry of
+    pretrained configs (as timm's own loader reads what it is handed), so this module never imports a model file."""
+    from timm.models import get_pretrained_cfg, list_pretrained
+    for name in list_pretrained("mambavision*"):
+        cfg = get_pretrained_cfg(name)
+        if cfg is not None and cfg.hf_hub_id == repo_id:
+            return cfg.hf_hub_filename
     return None
 
 
@@ -178,11 +181,6 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, *, em
     return model
 
 
-def is_training_checkpoint(ckpt: Mapping) -> bool:
-    """One of ours (train.py's .pth.tar): its EMA weights are the ones to use, as the official recipe selects by."""
-    return isinstance(ckpt.get("ema"), Mapping) and "state" in ckpt
-
-
 class Weights(NamedTuple):
     state_dict: dict
     kind: str  # "EMA" or "plain"
@@ -194,9 +192,9 @@ def read_weights(source, model: nn.Module, weights: str = "auto") -> Weights:
     else ``ema_last.pth``), with the class map they carry. weights: auto (EMA for our training checkpoints,
     ``state_dict`` for official files) | ema | plain."""
     # (not str() of an in-memory checkpoint: that would format every tensor in it)
-    run = None if isinstance(source, Mapping) else Path(str(source)).expanduser() / "checkpoints"
+    run = None if isinstance(source, Mapping) else fmt.directory(Path(str(source)).expanduser())
     if run is not None and run.is_dir():
-        exported = [run / n for n in ("ema_best.pth", "ema_last.pth") if (run / n).is_file()]
+        exported = [run / n for n in (fmt.EMA_BEST, fmt.EMA_LAST) if (run / n).is_file()]
         if not exported:
             raise CheckpointError(f"{run} has no exported EMA weights (ema_best.pth / ema_last.pth) yet")
         ckpt = read_checkpoint(exported[0])
@@ -207,7 +205,7 @@ def read_weights(source, model: nn.Module, weights: str = "auto") -> Weights:
 
 
 def _classes(ckpt: Mapping) -> list | None:
-    classes = ckpt.get("classes")
+    classes = ckpt.get(fmt.CLASSES)
     return list(classes) if isinstance(classes, (list, tuple)) else None
 
 

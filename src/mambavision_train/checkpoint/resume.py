@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .. import checkpoint as ckpt
+from . import format as fmt
+from . import store as ckpt
 from ..distributed import all_reduce_max
 from ..errors import ResumeError
 from ..recipe import differences
@@ -25,7 +26,7 @@ RESUMABLE_CHANGES = {"micro_batch_size", "amp", "model.crop_pct"}
 def refuse_a_used_run_dir(run_dir: Path, resume: str):
     """``resume=never`` in a run directory that already holds a run would overwrite its checkpoints and append a
     second run to its metrics (one curve, one report of two runs): refused before anything is written."""
-    used = [name for name, there in (("checkpoints", ckpt.has_files(run_dir)),
+    used = [name for name, there in (("checkpoints", fmt.has_files(run_dir)),
                                      ("metrics.jsonl", (Path(run_dir) / "metrics.jsonl").exists())) if there]
     if resume == "never" and used:
         raise ResumeError(f"resume=never, but {run_dir} already holds a run ({', '.join(used)}): starting over there "
@@ -41,9 +42,9 @@ def checkpoints_to_try(run_dir: Path, resume: str) -> list[Path]:
         if not Path(resume).exists():
             raise ResumeError(f"resume={resume}: no checkpoint at {resume}")
         return [Path(resume)]
-    found = ckpt.candidates(run_dir)
-    if not found and ckpt.has_files(run_dir):
-        raise ResumeError(f"{run_dir / 'checkpoints'} holds files but no checkpoint; move them away or set run_dir to "
+    found = fmt.candidates(run_dir)
+    if not found and fmt.has_files(run_dir):
+        raise ResumeError(f"{fmt.directory(run_dir)} holds files but no checkpoint; move them away or set run_dir to "
                           f"a new folder")
     return found
 
@@ -83,18 +84,18 @@ def load_first_good(checkpoints: ckpt.RunCheckpoints, paths, cfg, world_size: in
 def check_same_run(cfg, state: dict, path: Path, world_size: int, log=None) -> bool:
     """Refuse a resume that would silently mix two runs; returns whether recipe changes were allowed. ``log``
     (rank 0's) says which changes are applied."""
-    stored = OmegaConf.create(state["config"])
+    stored = OmegaConf.create(state[fmt.CONFIG])
     changed = [(k, a, b) for k, b, a in differences(cfg, stored) if k not in RESUMABLE_CHANGES]
-    world = state["world_size"] != world_size
+    world = state[fmt.WORLD_SIZE] != world_size
     if not (changed or world):
         return False
     what = "; ".join([f"{k} {a} -> {b}" for k, a, b in changed] +
-                     ([f"world size {state['world_size']} -> {world_size}"] if world else []))
+                     ([f"world size {state[fmt.WORLD_SIZE]} -> {world_size}"] if world else []))
     if not cfg.resume_allow_changes:
         raise ResumeError(f"{path} is another run: {what}. Use a new run_dir, or resume_allow_changes=true to continue "
                           f"this one with the new values")
     if log is not None:
         log(f"warning: resuming {path} with changes ({what}): applied from global step "
-            f"{state['state']['global_step']} on" + ("; not bit-exact: the per-rank random generators cannot move "
+            f"{state[fmt.STATE]['global_step']} on" + ("; not bit-exact: the per-rank random generators cannot move "
                                                      "to another number of ranks" if world else ""))
     return bool(changed)

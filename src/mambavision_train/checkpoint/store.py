@@ -1,138 +1,46 @@
-"""Checkpoints that survive preemption: atomic, complete, and loadable without executing code.
+"""The store: writes and reads a run's checkpoints, atomically, completely, and loadable without executing code.
 
-A checkpoint holds model, EMA, optimizer, scheduler, grad scaler, epoch, step within the epoch, global step, the RNG
-states of every rank (python, numpy, torch CPU and CUDA), the data-order seed, the W&B run id and step, the best EMA
-top-1 and the resolved config. Every file is written next to its target, fsynced and renamed into place, and the
-directory is fsynced after the rename, so a kill or a power loss at any moment leaves a complete checkpoint behind.
-The previous ``last`` is kept as ``previous`` (a failed or interrupted write cannot take the only good one with it),
-and ``step_<N>`` copies are bounded by ``keep_last_n``. Everything in a checkpoint is a tensor, number, string or
-container of those: it loads with ``torch.load(weights_only=True)``.
+What goes in besides the weights and the optimizer is the Checkpointer's (checkpointer.py); the names and keys are
+format.py's. Every file is written next to its target, fsynced and renamed into place, and the directory is fsynced
+after the rename (files.py), so a kill or a power loss at any moment leaves a complete checkpoint behind. The previous
+``last`` is kept as ``previous`` (a failed or interrupted write cannot take the only good one with it), and
+``step_<N>`` copies are bounded by ``keep_last_n``. Everything in a checkpoint is a tensor, number, string or container
+of those: it loads with ``torch.load(weights_only=True)``.
 
 Under FSDP2 the model, EMA and optimizer are saved sharded with torch.distributed.checkpoint (each rank writes its
 shards) into a fresh directory that is renamed into place; ``last.dcp`` / ``previous.dcp`` / ``best.dcp`` are
 symlinks swapped atomically onto it. The EMA weights are also exported in full (``ema_last.pth``, ``ema_best.pth``:
 ``{"state_dict": the weights with the official names, "classes": the class map, "model": the variant}``, the layout
-of the official and timm checkpoints, which their loaders read), on the CPU, loadable by the plain model. Resuming a sharded checkpoint reads torch.distributed.checkpoint's metadata, which is pickled: resume
-only your own sharded checkpoints (docs/training.md).
+of the official and timm checkpoints, which their loaders read), on the CPU, loadable by the plain model. Resuming a
+sharded checkpoint reads torch.distributed.checkpoint's metadata, which is pickled: resume only your own sharded
+checkpoints (docs/training.md).
 """
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .distributed import all_reduce_max
+from .. import files
+from ..distributed import all_reduce_max
+from . import format as fmt
 
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, quota, permissions); the previous one is intact."""
 
 
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def atomic_save(obj, path: str | os.PathLike, previous: Path | None = None):
-    """Write ``obj`` to ``path`` atomically; with ``previous``, the file it replaces is kept under that name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if previous is not None and path.exists():
-            os.replace(path, previous)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not keep a half-written file around
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_copy(src, dst):
-    dst = Path(dst)
-    tmp = _tmp(dst)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
-
-
 def load(path: str | os.PathLike) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def rng_state() -> dict:
-    """This process's RNG states in weights_only-safe types."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-                       "cached": cached}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(_tuples(state["python"]))
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _tuples(x):
-    """torch.load gives back lists where python's random state had tuples."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def latest(run_dir: str | os.PathLike) -> Path | None:
-    """The run's last checkpoint: ``last.dcp`` (sharded) or ``last.pth.tar``, whichever was written last."""
-    d = Path(run_dir) / "checkpoints"
-    found = [p for p in (d / "last.dcp", d / "last.pth.tar") if p.exists()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def candidates(run_dir: str | os.PathLike) -> list[Path]:
-    """Every checkpoint of the run that could be resumed from, newest first: ``last``, ``previous``, the ``step_<N>``
-    copies and ``best`` (single files), or every complete sharded directory."""
-    d = Path(run_dir) / "checkpoints"
-    if not d.is_dir():
-        return []
-    files = [p for p in d.glob("*.pth.tar") if not p.name.startswith(".")]
-    sharded = [p for p in (d / "dcp").glob("*") if p.is_dir() and not p.name.endswith(".tmp")] \
-        if (d / "dcp").is_dir() else []
-    return sorted(files + sharded, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
-def has_files(run_dir: str | os.PathLike) -> bool:
-    d = Path(run_dir) / "checkpoints"
-    return d.is_dir() and any(d.iterdir())
-
-
 def finite(modules, device) -> bool:
     """Whether every parameter and floating buffer of ``modules`` is finite, on every rank (collective)."""
-    from .parallel import local
+    from ..parallel import local
     bad = any(not bool(torch.isfinite(local(t)).all()) for m in modules
               for t in [*m.parameters(), *m.buffers()] if t.is_floating_point())
     return not bool(all_reduce_max(torch.tensor([int(bad)], device=device)).item())
@@ -147,7 +55,7 @@ class RunCheckpoints:
     def __init__(self, run_dir, model, ema, optimizer, is_main: bool, sharded: bool, keep_last_n: int = 3,
                  device="cpu", export: dict | None = None):
         """export: what the exported EMA files carry besides the weights (class map, variant)."""
-        self.dir = Path(run_dir) / "checkpoints"
+        self.dir = fmt.directory(run_dir)
         self.export = export or {}
         self.model, self.ema, self.optimizer, self.is_main, self.sharded = model, ema, optimizer, is_main, sharded
         self.keep_last_n, self.device = keep_last_n, device
@@ -158,20 +66,20 @@ class RunCheckpoints:
         """Temporary files and directories of saves that a crash or a full disk interrupted."""
         if not self.dir.is_dir():
             return
-        for p in [*self.dir.glob(".*.tmp*"), *self.dir.glob("dcp/*.tmp")]:
+        for p in [*self.dir.glob(".*.tmp*"), *self.dir.glob(f"{fmt.SHARDS}/*.tmp")]:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
     def save(self, meta: dict, best: bool = False, tag: str | None = None):
         """Collective: every rank calls it, and every rank raises CheckpointWriteError if the write failed."""
-        names = ["last"] + (["best"] if best else []) + ([tag] if tag else [])
+        names = [fmt.LAST] + ([fmt.BEST] if best else []) + ([tag] if tag else [])
         error = None
         try:
             (self._save_sharded if self.sharded else self._save_file)(meta, names)
             ema_full = self._ema_full_state()  # collective under FSDP2
             if self.is_main and ema_full is not None:
-                atomic_save({"state_dict": ema_full, **self.export}, self.dir / "ema_last.pth")
+                files.save_torch({fmt.WEIGHTS: ema_full, **self.export}, self.dir / fmt.EMA_LAST)
                 if best:
-                    atomic_copy(self.dir / "ema_last.pth", self.dir / "ema_best.pth")
+                    files.copy(self.dir / fmt.EMA_LAST, self.dir / fmt.EMA_BEST)
             if self.is_main and tag:
                 self._drop_old_step_copies()
         except OSError as e:
@@ -184,14 +92,15 @@ class RunCheckpoints:
     def _save_file(self, meta, names):
         if not self.is_main:
             return
-        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                 "optimizer": self.optimizer.state_dict(), **meta}
-        atomic_save(state, self.dir / "last.pth.tar", previous=self.dir / "previous.pth.tar")
+        state = {fmt.MODEL: self.model.state_dict(), fmt.EMA: self.ema.state_dict() if self.ema else None,
+                 fmt.OPTIMIZER: self.optimizer.state_dict(), **meta}
+        last = self.dir / (fmt.LAST + fmt.FILE)
+        files.save_torch(state, last, previous=self.dir / (fmt.PREVIOUS + fmt.FILE))
         for name in names[1:]:
-            atomic_copy(self.dir / "last.pth.tar", self.dir / f"{name}.pth.tar")
+            files.copy(last, self.dir / (name + fmt.FILE))
 
     def _drop_old_step_copies(self):
-        steps = sorted(self.dir.glob("step_*.*"), key=lambda p: int(p.name.split(".")[0].split("_")[1]))
+        steps = sorted(self.dir.glob(fmt.step_name("*") + ".*"), key=lambda p: int(p.name.split(".")[0].split("_")[1]))
         for p in steps[:max(0, len(steps) - self.keep_last_n)]:
             p.unlink()
         if self.sharded:
@@ -200,9 +109,9 @@ class RunCheckpoints:
     def _sharded_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
         model, optim = get_state_dict(self.model, self.optimizer)
-        state = {"model": model, "optimizer": optim}
+        state = {fmt.MODEL: model, fmt.OPTIMIZER: optim}
         if self.ema:
-            state["ema"] = get_model_state_dict(self.ema.module)
+            state[fmt.EMA] = get_model_state_dict(self.ema.module)
         return state
 
     def _save_sharded(self, meta, names):
@@ -210,25 +119,25 @@ class RunCheckpoints:
         import torch.distributed.checkpoint as dcp
         name = [f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}" if self.is_main else None]
         dist.broadcast_object_list(name)  # one directory name for all ranks
-        final = self.dir / "dcp" / name[0]
+        final = self.dir / fmt.SHARDS / name[0]
         tmp = final.with_name(final.name + ".tmp")
         dcp.save(self._sharded_state(), checkpoint_id=tmp)
         if self.is_main:
-            atomic_save(meta, tmp / "meta.pth")
+            files.save_torch(meta, tmp / fmt.META)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
-            last = self.dir / "last.dcp"
+            files.fsync_dir(final.parent)
+            last = self.dir / (fmt.LAST + fmt.SHARDED)
             if last.is_symlink() and last.exists():
-                _point(self.dir / "previous.dcp", last.resolve())
+                _point(self.dir / (fmt.PREVIOUS + fmt.SHARDED), last.resolve())
             for link in names:
-                _point(self.dir / f"{link}.dcp", final)
+                _point(self.dir / (link + fmt.SHARDED), final)
             self._prune()
         dist.barrier()
 
     def _prune(self):
         """Remove sharded checkpoints no link points at any more (and leftovers of interrupted saves)."""
-        kept = {p.resolve() for p in self.dir.glob("*.dcp")}
-        for d in (self.dir / "dcp").iterdir():
+        kept = {p.resolve() for p in self.dir.glob("*" + fmt.SHARDED)}
+        for d in (self.dir / fmt.SHARDS).iterdir():
             if d.resolve() not in kept:
                 shutil.rmtree(d, ignore_errors=True)
 
@@ -249,24 +158,24 @@ class RunCheckpoints:
                 f"{path} is a {'sharded (FSDP2)' if path.is_dir() else 'single-file'} checkpoint but this run is "
                 f"{'dist=fsdp' if self.sharded else 'not sharded'}; resume it with "
                 f"{'dist=fsdp' if path.is_dir() else 'dist=none or dist=ddp'} or start a new run_dir")
-        return load(path / "meta.pth" if self.sharded else path)
+        return load(path / fmt.META if self.sharded else path)
 
     def restore(self, path: Path, state: dict):
         """Model, EMA and optimizer from a checkpoint ``read`` returned ``state`` for, in place."""
         if not self.sharded:
-            self.model.load_state_dict(state["model"])
-            if self.ema and state["ema"] is not None:
-                self.ema.load_state_dict(state["ema"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.model.load_state_dict(state[fmt.MODEL])
+            if self.ema and state[fmt.EMA] is not None:
+                self.ema.load_state_dict(state[fmt.EMA])
+            self.optimizer.load_state_dict(state[fmt.OPTIMIZER])
             return
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
         shards = self._sharded_state()
         dcp.load(shards, checkpoint_id=path.resolve())
-        set_state_dict(self.model, self.optimizer, model_state_dict=shards["model"],
-                       optim_state_dict=shards["optimizer"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=shards[fmt.MODEL],
+                       optim_state_dict=shards[fmt.OPTIMIZER])
         if self.ema:
-            set_model_state_dict(self.ema.module, shards["ema"])
+            set_model_state_dict(self.ema.module, shards[fmt.EMA])
 
 
 class CheckpointMismatch(ValueError):
@@ -275,7 +184,7 @@ class CheckpointMismatch(ValueError):
 
 def _point(link: Path, target: Path):
     """Atomically make ``link`` a relative symlink to ``target``."""
-    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
+    tmp = files.aside(link)
     tmp.unlink(missing_ok=True)
     os.symlink(os.path.relpath(target, link.parent), tmp)
     os.replace(tmp, link)
