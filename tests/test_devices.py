@@ -4,7 +4,8 @@ one GPU per task or all of them visible, GPUs with and without native bf16, jobs
 import pytest
 import torch
 
-from mambavision_train.config import ConfigError, check_device
+from mambavision_train.errors import ConfigError
+from mambavision_train.preflight import check_device
 from mambavision_train.distributed import PORT_BASE, PORT_RANGE, job_port, pick_device
 from mambavision_train.precision import amp_dtype
 

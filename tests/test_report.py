@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from mambavision_train import curves
-from mambavision_train.config import ConfigError, check_run_root
+from mambavision_train.errors import ConfigError
+from mambavision_train.preflight import check_run_root
 from mambavision_train.engine.eval_run import append_row
 from mambavision_train.metrics import Throughput
 from mambavision_train.models import PAPER

@@ -1,26 +1,84 @@
-"""The configuration schema: one typed dataclass per config group, registered with Hydra's ConfigStore.
+"""The configuration schema, every group of it in this one module: a typed dataclass per config group, registered
+with Hydra's ConfigStore, each field with its default, its meaning and (``valid(...)``) the values it may take.
 
 Hydra checks every composed config against these: an unknown key, a value of the wrong type or a choice outside
-its Enum fails while the config composes. ``validate_train`` / ``validate_eval`` check the rest in one place (ranges,
-names looked up in registries, values derived from several keys), before anything is built. Either way the user
-gets one line and exit code 2 (cli.py). Group values live in conf/<group>/*.yaml; the top-level keys, their
-defaults and what they mean live here.
+its Enum fails while the config composes. The ranges and string choices written beside the fields, the names looked
+up in registries and the values derived from several keys are checked by preflight.py, before anything is built.
+Either way the user gets one line and exit code 2. Group values live in conf/<group>/*.yaml; the top-level keys,
+their defaults and what they mean live here. A leaf: the standard library, omegaconf and errors.py.
 """
 
 from __future__ import annotations
 
-import difflib
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional, Tuple
 
 from omegaconf import MISSING
 
-from .errors import ConfigError
+from .errors import DataError
 
-from .data import AugConfig, DataConfig
-from .data import KINDS as DATA_KINDS
+
+def valid(default=MISSING, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, each=False):
+    """A field's default and the values it may take: [lo, hi] (open ends with lo_open / hi_open), one of
+    ``choices``, or with ``each`` every element of a tuple so. preflight.check_fields reads them."""
+    rule = dict(lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, choices=choices, each=each)
+    if isinstance(default, (list, tuple, dict)):
+        return field(default_factory=lambda: default, metadata={"valid": rule})
+    return field(default=default, metadata={"valid": rule})
+
+
+def typed(cls, node):
+    """A DataConfig / AugConfig from a Hydra/OmegaConf node or dict; unknown keys are an error, not ignored. The one
+    conversion to typed objects, done by the entry point's checks (preflight.check_train)."""
+    from dataclasses import fields
+    from omegaconf import DictConfig, OmegaConf
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DataError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(known)}")
+    return cls(**values)
+
+
+DATA_KINDS = ("ffcv", "folder", "synthetic")
+
+
+@dataclass
+class DataConfig:
+    kind: str = valid("ffcv", choices=DATA_KINDS)  # ffcv | folder | synthetic
+    root: Optional[str] = None  # ffcv: folder with <split>.beton; folder: folder with <split>/<class>/<image>
+    folder_root: Optional[str] = None  # where the ImageFolder tree is when it differs from root (digits)
+    prepare: Optional[str] = None  # "digits": build the bundled demo data in root on first use
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: int = valid(1000, lo=1)
+    num_workers: int = valid(8, lo=0)
+    os_cache: bool = True  # FFCV: read through the page cache (False: its own quasi-random memory manager)
+    num_samples: int = 12800  # synthetic: images per epoch
+
+
+@dataclass
+class AugConfig:
+    """Everything the paper's recipe sets, each switchable (0 / None turns a step off); data/augment.py applies it."""
+    rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = valid(0.4, lo=0, hi=1)  # as in timm: ignored while RandAugment is on, unless
+    force_color_jitter: bool = False  # force_color_jitter
+    reprob: float = valid(0.25, lo=0, hi=1)  # random erasing probability
+    remode: str = valid("pixel", choices=("pixel", "const", "rand"))
+    recount: int = valid(1, lo=1)
+    mixup: float = valid(0.8, lo=0)  # Mixup alpha
+    cutmix: float = valid(1.0, lo=0)  # CutMix alpha
+    mixup_prob: float = valid(1.0, lo=0, hi=1)
+    mixup_switch_prob: float = valid(0.5, lo=0, hi=1)
+    mixup_mode: str = valid("batch", choices=("batch", "pair", "elem"))
+    smoothing: float = valid(0.1, lo=0, hi=1, hi_open=True)
+    # Crop and flip happen in the loader (FFCV decoder or PIL transforms); kept here so that one config drives both.
+    scale: Tuple[float, float] = (0.08, 1.0)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = valid(0.5, lo=0, hi=1)
+    # fallback loader only: timm's random bilinear/bicubic RandomResizedCrop
+    train_interpolation: str = valid("random", choices=("random", "bilinear", "bicubic", "nearest"))
 
 
 class Choice(str, Enum):
@@ -87,9 +145,9 @@ Pretrain = Choice("Pretrain", {"auto": "auto", "1k": "1k", "21k": "21k"})  # nam
 @dataclass
 class ModelConfig:
     name: str = MISSING  # a registered variant: python -m mambavision_train.models lists them
-    img_size: Optional[int] = None  # resolution; null: the variant's default
-    crop_pct: Optional[float] = None  # evaluation crop; null: the variant's default
-    drop_path_rate: Optional[float] = None  # null: the paper's value for this variant
+    img_size: Optional[int] = valid(None, lo=16)  # resolution; null: the variant's default
+    crop_pct: Optional[float] = valid(None, lo=0, hi=1, lo_open=True)  # evaluation crop; null: the variant's default
+    drop_path_rate: Optional[float] = valid(None, lo=0, hi=1, hi_open=True)  # null: the paper's value for this variant
     scan_impl: Optional[ScanImpl] = None  # null: $MAMBAVISION_SCAN or auto (GPU: mamba_ssm's kernel, else Triton)
     grad_checkpointing: bool = False
     freeze: Freeze = Freeze.none  # fine-tuning: no updates for this part and what precedes it (BN frozen too)
@@ -98,19 +156,21 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = MISSING  # any timm optimizer: adamw, lamb (the paper's), sgd, ...
-    lr: float = MISSING  # absolute, not scaled by the batch size
-    weight_decay: float = MISSING  # not applied to parameters with ndim <= 1 or named *.bias (timm's rule)
-    betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    layer_decay: Optional[float] = None  # layer-wise lr decay (e.g. 0.75 for fine-tuning); null: off
+    lr: float = valid(lo=0, lo_open=True)  # absolute, not scaled by the batch size
+    # not applied to parameters with ndim <= 1 or named *.bias (timm's rule)
+    weight_decay: float = valid(lo=0)
+    betas: Tuple[float, float] = valid((0.9, 0.999), lo=0, hi=1, hi_open=True, each=True)
+    eps: float = valid(1e-8, lo=0, lo_open=True)
+    layer_decay: Optional[float] = valid(None, lo=0, hi=1, lo_open=True)  # layer-wise lr decay (0.75 for
+    # fine-tuning); null: off
 
 
 @dataclass
 class SchedConfig:
-    warmup_epochs: float = MISSING
-    warmup_lr: float = MISSING
-    min_lr: float = MISSING
-    cooldown_epochs: int = MISSING
+    warmup_epochs: float = valid(lo=0)
+    warmup_lr: float = valid(lo=0)
+    min_lr: float = valid(lo=0)
+    cooldown_epochs: int = valid(lo=0)
 
 
 @dataclass
@@ -130,21 +190,22 @@ class LoggerConfig:
 @dataclass
 class EmaConfig:
     enabled: bool = True
-    decay: float = 0.9998
+    decay: float = valid(0.9998, lo=0, hi=1)
     warmup: bool = False  # timm ModelEmaV3's warm-up: decay min(decay, 1 - step^-2/3), for short runs
 
 
 @dataclass
 class MesaConfig:
-    weight: float = 0.0  # the paper recipe sets it per model (experiment/)
-    start_ratio: float = 0.25
+    weight: float = valid(0.0, lo=0)  # the paper recipe sets it per model (experiment/)
+    start_ratio: float = valid(0.25, lo=0, hi=1)
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 0  # also write last.pth.tar every N optimizer steps (mid-epoch resume); 0: per epoch
+    # also write last.pth.tar every N optimizer steps (mid-epoch resume); 0: per epoch
+    every_n_steps: int = valid(0, lo=0)
     keep_steps: bool = False  # keep a copy of each of those as step_<N>.pth.tar ...
-    keep_last_n: int = 3  # ... the newest N of them
+    keep_last_n: int = valid(3, lo=1)  # ... the newest N of them
 
 
 @dataclass
@@ -164,25 +225,26 @@ class TrainConfig:
     init_from: Optional[str] = None  # fine-tune: start from these weights (our run dir or checkpoint: EMA; an
     # official .pth.tar, a model.safetensors, a Hugging Face id); a checkpoint in run_dir still takes precedence
     init_head: InitHead = InitHead.reset
-    seed: int = 31  # + rank for the augmentation and DropPath draws
+    seed: int = valid(31, lo=0)  # + rank for the augmentation and DropPath draws
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    epochs: int = 310  # cosine epochs; sched.cooldown_epochs more at min_lr follow (310 + 10 = 320)
-    batch_size: int = 4096  # global batch per optimizer step (the paper's); lr is absolute, not scaled
-    micro_batch_size: int = 128  # per device per forward; accumulation = batch_size / (micro_batch_size x GPUs)
-    eval_batch_size: Optional[int] = None  # default: micro_batch_size
+    epochs: int = valid(310, lo=1)  # cosine epochs; sched.cooldown_epochs more at min_lr follow (310 + 10 = 320)
+    batch_size: int = valid(4096, lo=1)  # global batch per optimizer step (the paper's); lr is absolute, not scaled
+    # per device per forward; accumulation = batch_size / (micro_batch_size x GPUs)
+    micro_batch_size: int = valid(128, lo=1)
+    eval_batch_size: Optional[int] = valid(None, lo=1)  # default: micro_batch_size
     amp: Amp = Amp.auto
     deterministic: bool = False  # CUDA: deterministic kernels, so a resume is bit-exact there too (slower); false:
     # cuDNN picks its fastest kernels. The CPU is always deterministic.
     channels_last: bool = True
     compile: bool = False
-    clip_grad: Optional[float] = 5.0  # global grad-norm clipping; null: off
+    clip_grad: Optional[float] = valid(5.0, lo=0, lo_open=True)  # global grad-norm clipping; null: off
     nan_policy: NanPolicy = NanPolicy.stop
     ema: EmaConfig = field(default_factory=EmaConfig)
     mesa: MesaConfig = field(default_factory=MesaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log_every: int = 50
+    log_every: int = valid(50, lo=1)
     progress: bool = True  # tqdm bar with img/s and ETA (rank 0)
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke tests)
+    max_steps: Optional[int] = valid(None, lo=1)  # stop after this many optimizer steps (smoke tests)
     dry_run: bool = False  # check the request, its data and its run_dir, say what would run, and exit
 
 
@@ -195,13 +257,13 @@ class EvalConfig:
     weights: Weights = Weights.auto  # auto: EMA for our training checkpoints, 'state_dict' for official files
     pretrain: Pretrain = Pretrain.auto  # which paper row: auto (21k when the weights' name says 21K, or the variant
     # exists only 21K-pretrained) | 1k | 21k
-    batch_size: int = 128
+    batch_size: int = valid(128, lo=1)
     amp: Amp = Amp.fp32  # the paper evaluates in fp32
     device: str = "auto"
     channels_last: bool = True
     table: Optional[str] = None  # append a row to this markdown file (the reproduction table)
     dry_run: bool = False  # check the request and its validation data, say what would run, and exit
-    topk: int = 5  # also report top-k accuracy for this k (top-1 and top-5 are always reported)
+    topk: int = valid(5, lo=1)  # also report top-k accuracy for this k (top-1 and top-5 are always reported)
     out_dir: Optional[str] = None  # per_class.csv, confusion.csv/png; null: beside `table` (<table>_<model>_<weights>/)
     # when there is one, else not written (balanced accuracy is printed either way)
     progress: bool = True
@@ -216,150 +278,3 @@ def register():
     cs.store(name="eval_schema", node=EvalConfig)
     for name in ARCHS:  # model=mambavision_b: one schema, one option per registered variant
         cs.store(group="model", name=name, node=ModelConfig(name=name))
-
-
-# ----------------------------------------------------------------------------------------------------- checks
-def _in(cfg, key: str, lo=None, hi=None, lo_open=False, hi_open=False):
-    from omegaconf import OmegaConf
-    v = OmegaConf.select(cfg, key)
-    if v is None:
-        return
-    bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
-    if bad:
-        left, right = ("(" if lo_open else "[") + ("-inf" if lo is None else f"{lo:g}"), \
-            ("inf" if hi is None else f"{hi:g}") + (")" if hi_open else "]")
-        raise ConfigError(f"{key}={v} is out of range: it must be in {left}, {right}")
-
-
-def _choice(key: str, value, choices, what: str = ""):
-    if value not in choices:
-        if what:  # a registry too long to print: the nearest names
-            close = difflib.get_close_matches(str(value), list(choices), n=3, cutoff=0.5)
-            raise ConfigError(f"{key}={value!r} is not {what}; closest: {', '.join(close) or 'none'}")
-        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
-
-
-def check_device(device: str, world_size: int = 1):
-    import torch
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"device={device!r} is not one of: auto, cpu, cuda, cuda:N")
-    if ":" in device and world_size > 1:  # every rank on the same GPU: NCCL refuses it ("duplicate GPU")
-        raise ConfigError(f"device={device} with {world_size} processes would put every rank on one GPU; use "
-                          f"device=auto or cuda (each rank takes the GPU of its local rank)")
-    if device.startswith("cuda"):
-        count = torch.cuda.device_count()
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= count:
-            raise ConfigError(f"device={device}: this machine has {count} CUDA device(s); use device=auto or cpu")
-
-
-def check_source(key: str, source: str | None):
-    """A local path that is not there fails now, not after the model and the data are built."""
-    from pathlib import Path
-    if source and not Path(source).expanduser().exists() and (source.startswith(("/", ".", "~"))
-                                                               or source.count("/") != 1):
-        raise ConfigError(f"{key}={source} does not exist (a file, one of our run directories, or a Hugging Face "
-                          f"repo id like nvidia/MambaVision-T-1K)")
-
-
-def check_run_root(cfg):
-    """An empty run_root (MAMBAVISION_RUNS='') would put run_dir=${run_root}/NAME at the filesystem's root."""
-    from omegaconf import OmegaConf
-    raw = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["run_dir"]), resolve=False)["run_dir"]
-    if not str(cfg.run_root).strip() and "${run_root}" in str(raw):
-        raise ConfigError("run_root is empty (MAMBAVISION_RUNS set to ''?); set run_root=DIR or run_dir=DIR")
-
-
-def check_model(cfg):
-    import timm
-    from . import models  # noqa: F401  (registers the variants)
-    _choice("model.name", cfg.model.name, timm.list_models("mambavision*"))
-    _in(cfg, "model.img_size", 16)
-    _in(cfg, "model.crop_pct", 0, 1, lo_open=True)
-    _in(cfg, "model.drop_path_rate", 0, 1, hi_open=True)
-
-
-def check_scan(cfg):
-    """The scan implementation can run on the run's device (e.g. scan_impl=triton without triton)."""
-    import torch
-    from .ops.selective_scan import resolve_impl
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
-    try:
-        resolve_impl(cfg.model.scan_impl, torch.device(device), deterministic=bool(cfg.get("deterministic")))
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"model.scan_impl={cfg.model.scan_impl}: {e}") from None
-
-
-def check_data(cfg):
-    _choice("data.kind", cfg.data.kind, DATA_KINDS)
-    _in(cfg, "data.num_classes", 1)
-    _in(cfg, "data.num_workers", 0)
-
-
-def check_schema(schema, cfg):
-    """Keys Hydra let in past the schema (``+key=value`` opens it): merged into the schema, they fail."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError
-    try:
-        OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-    except ConfigKeyError as e:
-        raise ConfigError(f"{e.full_key}: no such key (a typo, or a '+' too many?)") from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:  # ??? in an experiment: a value only the user can give
-        raise ConfigError(f"{missing[0]} must be set (e.g. {missing[0]}=...); this config leaves it to you")
-
-
-def validate_train(cfg, world_size: int) -> int:
-    """Everything about a training request that types cannot say; returns the gradient accumulation steps."""
-    from timm.optim import list_optimizers
-    check_schema(TrainConfig, cfg)
-    check_model(cfg)
-    check_data(cfg)
-    check_device(cfg.device, world_size)
-    check_scan(cfg)
-    check_source("init_from", cfg.init_from)
-    check_run_root(cfg)
-    for key, lo in (("epochs", 1), ("batch_size", 1), ("micro_batch_size", 1), ("eval_batch_size", 1), ("seed", 0),
-                    ("log_every", 1), ("max_steps", 1), ("checkpoint.every_n_steps", 0), ("checkpoint.keep_last_n", 1),
-                    ("sched.warmup_epochs", 0), ("sched.warmup_lr", 0), ("sched.min_lr", 0),
-                    ("sched.cooldown_epochs", 0), ("optim.weight_decay", 0), ("mesa.weight", 0), ("aug.mixup", 0),
-                    ("aug.cutmix", 0), ("aug.recount", 1)):
-        _in(cfg, key, lo)
-    for key in ("ema.decay", "mesa.start_ratio", "aug.reprob", "aug.mixup_prob", "aug.mixup_switch_prob",
-                "aug.hflip", "aug.color_jitter"):
-        _in(cfg, key, 0, 1)
-    for key in ("optim.lr", "optim.eps", "clip_grad"):
-        _in(cfg, key, 0, lo_open=True)
-    _in(cfg, "aug.smoothing", 0, 1, hi_open=True)
-    _in(cfg, "optim.layer_decay", 0, 1, lo_open=True)
-    for i, beta in enumerate(cfg.optim.betas):
-        _in(cfg, f"optim.betas.{i}", 0, 1, hi_open=True)
-    _choice("optim.name", cfg.optim.name, list_optimizers(), what="a timm optimizer (timm.optim.list_optimizers())")
-    _choice("aug.remode", cfg.aug.remode, ("pixel", "const", "rand"))
-    _choice("aug.mixup_mode", cfg.aug.mixup_mode, ("batch", "pair", "elem"))
-    _choice("aug.train_interpolation", cfg.aug.train_interpolation, ("random", "bilinear", "bicubic", "nearest"))
-    if cfg.sched.warmup_epochs > cfg.epochs:
-        raise ConfigError(f"sched.warmup_epochs={cfg.sched.warmup_epochs} is longer than epochs={cfg.epochs}")
-    if cfg.dist.kind == DistKind.none and world_size > 1:
-        raise ConfigError(f"dist=none with {world_size} processes would train {world_size} independent models; use "
-                          f"dist=ddp or dist=fsdp")
-    per_step = cfg.micro_batch_size * world_size
-    if cfg.batch_size % per_step:
-        raise ConfigError(f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size ({cfg.micro_batch_size})"
-                          f" x world size ({world_size}) = {per_step}; change batch_size or micro_batch_size")
-    mixing = (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and cfg.aug.mixup_prob > 0
-    if mixing and cfg.micro_batch_size % 2:
-        raise ConfigError(f"micro_batch_size={cfg.micro_batch_size}: Mixup/CutMix pairs images within a batch, so it "
-                          f"must be even")
-    return cfg.batch_size // per_step
-
-
-def validate_eval(cfg, world_size: int = 1):
-    check_schema(EvalConfig, cfg)
-    check_model(cfg)
-    check_data(cfg)
-    check_device(cfg.device, world_size)
-    check_scan(cfg)
-    check_source("checkpoint", cfg.checkpoint)
-    _in(cfg, "batch_size", 1)
-    _in(cfg, "topk", 1)

@@ -8,40 +8,14 @@ and ``res`` (H = W), and reads only its rank's shard, in an order fixed by (seed
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..config import DATA_KINDS as KINDS
+from ..config import AugConfig, DataConfig
+from ..config import typed as from_config
 from ..errors import DataError
-from .augment import AugConfig, DeviceAugment
+from .augment import DeviceAugment
 from .order import Shard
-
-KINDS = ("ffcv", "folder", "synthetic")
-
-
-@dataclass
-class DataConfig:
-    kind: str = "ffcv"  # ffcv | folder | synthetic
-    root: str | None = None  # ffcv: folder with <split>.beton; folder: folder with <split>/<class>/<image>
-    folder_root: str | None = None  # where the ImageFolder tree is when it differs from root (digits)
-    prepare: str | None = None  # "digits": build the bundled demo data in root on first use
-    train_split: str = "train"
-    val_split: str = "val"
-    num_classes: int = 1000
-    num_workers: int = 8
-    os_cache: bool = True  # FFCV: read through the page cache (False: its own quasi-random memory manager)
-    num_samples: int = 12800  # synthetic: images per epoch
-
-
-def from_config(cls, cfg):
-    """A DataConfig / AugConfig from a Hydra/OmegaConf node or dict; unknown keys are an error, not ignored."""
-    from omegaconf import DictConfig, OmegaConf
-    values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise DataError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(known)}")
-    return cls(**values)
-
 
 FFCV_EXTRA = "pip install 'mambavision-train[ffcv]' (docs/data.md)"
 

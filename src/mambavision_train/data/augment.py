@@ -20,35 +20,12 @@ overlaps with the device's work only from pinned memory.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 
+from ..config import AugConfig
 from . import randaugment
-
-
-@dataclass
-class AugConfig:
-    """Everything the paper's recipe sets, each switchable (0 / None turns a step off)."""
-    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.4  # as in timm: ignored while RandAugment is on, unless force_color_jitter
-    force_color_jitter: bool = False
-    reprob: float = 0.25  # random erasing probability
-    remode: str = "pixel"
-    recount: int = 1
-    mixup: float = 0.8  # Mixup alpha
-    cutmix: float = 1.0  # CutMix alpha
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    smoothing: float = 0.1
-    # Crop and flip happen in the loader (FFCV decoder or PIL transforms); kept here so that one config drives both.
-    scale: tuple = (0.08, 1.0)
-    ratio: tuple = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    train_interpolation: str = "random"  # fallback loader only: timm's random bilinear/bicubic RandomResizedCrop
 
 
 class DeviceAugment:
