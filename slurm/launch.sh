@@ -22,4 +22,42 @@ echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) o
 if [[ "${1:-}" == *.py ]] && [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ] && [ -z "${MV_CHECKED:-}" ]; then
     "$PYTHON" "$@" dry_run=true
 fi
-srun --kill-on-bad-exit=1 --cpus-per-task="$cpus" "$PYTHON" "$@"
+status=0
+srun --kill-on-bad-exit=1 --cpus-per-task="$cpus" "$PYTHON" "$@" || status=$?
+
+# What srun's status says (its highest task status; 128 + N for a task killed by signal N) and what follows. Every
+# decision is one line starting "[launch]".
+say() { echo "[launch] $*"; }
+case $status in
+    0) say "done (exit 0)"; exit 0 ;;
+    2) say "the run failed by itself (exit 2): not requeued; fix what the error line above names, then submit" \
+           "the same command again (it resumes from the last checkpoint)"; exit 2 ;;
+    138) say "stopped by USR1 after a checkpoint (exit 138): the run requeued the job itself"; exit 138 ;;
+    140) say "stopped by USR2 after a checkpoint (exit 140): submitit requeues the job"; exit 140 ;;
+    143) say "stopped by SIGTERM after a checkpoint (exit 143): not requeued (cancelled, or Slurm requeues it" \
+             "itself)"; exit 143 ;;
+esac
+if [ "$status" -eq 75 ]; then what="a peer rank died or hung (exit 75)"; else what="task failure (exit $status)"; fi
+job=${SLURM_JOB_ID:-}  # an array element's own id: requeueing it leaves the other elements alone
+if [ -z "$job" ]; then say "$what: not under Slurm, nothing to requeue"; exit "$status"; fi
+max=${MAX_FAILURES:-3}
+# The count of rank failures survives requeues in the job's Comment (SLURM_RESTART_COUNT counts preemptions and
+# time-limit requeues too); any other text of the comment is kept.
+comment=$(squeue -h -j "$job" -o %k 2>/dev/null || true)
+[ "$comment" = "(null)" ] && comment=""
+failures=$(sed -n 's/.*rank_failures=\([0-9]*\).*/\1/p' <<< "$comment")
+failures=$(( ${failures:-0} + 1 ))
+comment=$(sed 's/ *rank_failures=[0-9]*//' <<< "$comment")
+comment="${comment:+$comment }rank_failures=$failures"
+if [ "$failures" -gt "$max" ]; then
+    say "$what: failure $failures with MAX_FAILURES=$max: not requeued; the first error above says what failed;" \
+        "fix it (or raise MAX_FAILURES) and submit the same command again: it resumes from the last checkpoint"
+    exit "$status"
+fi
+scontrol update JobId="$job" Comment="$comment" ||
+    say "warning: could not record the failure count in job $job's Comment: it may requeue more than MAX_FAILURES times"
+# Said before the requeue: it ends this script too.
+say "$what: requeued, failure $failures of $max (the job resumes from the last checkpoint)"
+scontrol requeue "$job" ||
+    say "scontrol requeue $job failed: not requeued; submit the same command again: it resumes from the last checkpoint"
+exit "$status"
