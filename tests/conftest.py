@@ -74,13 +74,13 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shared_run(tmp_path_factory, env):
-    """``shared_run(name, *overrides)``: the run directory of ``train.py *overrides``, trained once for the whole
-    session (across xdist workers, under a lock) and read by every test that names it. A test that changes a run
-    copies it first."""
-    from runs import run
+    """``shared_run(name, *overrides, nproc=1)``: the run directory of ``train.py *overrides`` (on ``nproc`` gloo
+    ranks under torchrun, one thread each), trained once for the whole session (across xdist workers, under a lock)
+    and read by every test that names it. A test that changes a run copies it first."""
+    from runs import run, torchrun
     root = shared_dir(tmp_path_factory, "runs")
 
-    def get(name: str, *overrides) -> Path:
+    def get(name: str, *overrides, nproc: int = 1) -> Path:
         d = root / name
         with open(root / f"{name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -89,7 +89,11 @@ def shared_run(tmp_path_factory, env):
                 raise AssertionError(f"shared run {name} asked for with other overrides: {overrides}")
             if not done.is_file():
                 shutil.rmtree(d, ignore_errors=True)  # what a failed attempt left would be resumed from
-                run("train.py", *overrides, f"run_dir={d}", env=env)
+                if nproc == 1:
+                    run("train.py", *overrides, f"run_dir={d}", env=env)
+                else:
+                    run("train.py", *overrides, f"run_dir={d}", env={**env, "OMP_NUM_THREADS": "1"},
+                        prefix=torchrun(nproc))
                 done.write_text(repr(overrides))
         return d
     return get
@@ -122,6 +126,21 @@ def few_digits(tmp_path_factory, env) -> list[str]:
                         shutil.copy(f, root / "images" / split / str(c) / f.name)
             digits.write_betons(root, workers=1)
     return ["experiment=demo", f"data.root={root}", "data.prepare=null"]
+
+
+# 2 gloo ranks with real randomness in every part a resume must restore: the paper augmentation, drop path, MESA
+# from the start; 8 steps over few_digits' epochs of 4, so across a validation.
+PAPER_2RANKS = ["aug=paper", "aug.hflip=0.0", "model.drop_path_rate=0.3", "mesa.weight=1.0", "mesa.start_ratio=0.0",
+                "batch_size=64", "micro_batch_size=32", "eval_batch_size=30", "max_steps=8",
+                "checkpoint.every_n_steps=3", "progress=false", "log_every=1", "logger.mode=disabled"]
+
+
+@pytest.fixture(scope="session")
+def paper_2ranks(shared_run, few_digits):
+    """(the overrides, the run directory) of PAPER_2RANKS on few_digits, run uninterrupted once by torchrun: the
+    reference that interrupted runs of the same overrides (killed, restarted, requeued) must end equal to."""
+    args = [*few_digits, *PAPER_2RANKS]
+    return args, shared_run("paper_2ranks", *args, nproc=2)
 
 
 @pytest.fixture(scope="session")

@@ -94,20 +94,13 @@ def test_each_rank_draws_its_own_augmentation_and_drop_path_from_identical_weigh
     assert any(any(m) for m in r0["masks"]) and any(any(m) for m in r1["masks"])  # something was dropped
 
 
-PAPER_2RANKS = ["aug=paper", "aug.hflip=0.0", "model.drop_path_rate=0.3", "mesa.weight=1.0", "mesa.start_ratio=0.0",
-                "batch_size=64", "micro_batch_size=32", "eval_batch_size=30", "max_steps=8",
-                "checkpoint.every_n_steps=3", "progress=false", "log_every=1", "logger.mode=disabled"]
-
-
 @pytest.mark.slow
-def test_two_ranks_with_real_randomness_resume_exactly_after_sigkill(env, tmp_path, few_digits):
+def test_two_ranks_with_real_randomness_resume_exactly_after_sigkill(env, tmp_path, paper_2ranks):
     """2 gloo ranks, paper augmentation, drop path, MESA: killed with SIGKILL mid-epoch in epoch 1 (after a
     validation), then resumed: the whole final checkpoint (weights, EMA, optimizer with its param groups, schedule,
     every rank's RNG and BN statistics, counters) equals an uninterrupted run's."""
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    (args, whole), broken = paper_2ranks, tmp_path / "broken"
     env1 = {**env, "OMP_NUM_THREADS": "1"}
-    args = [*few_digits, *PAPER_2RANKS]
-    run("train.py", *args, f"run_dir={whole}", env=env1, prefix=torchrun(2))
     killed = run("train.py", *args, f"run_dir={broken}", env=faults(env1, KILL_AT_STEP=6), prefix=torchrun(2),
                  check=False)
     assert killed.returncode != 0 and "val epoch 0" in killed.stdout

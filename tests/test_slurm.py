@@ -1,7 +1,8 @@
 """The slurm/ scripts and the trainer's preemption handling on a real Slurm cluster (tests/slurm_cluster.py):
 an array job over two demo trainings, requeue and real preemption resuming to identical weights, cancellation
 staying cancelled, a Hydra multirun through submitit (one element requeued through submitit), two-node DDP
-requeued and resumed."""
+requeued and resumed; a killed task requeueing the job (to identical weights) up to MAX_FAILURES times, a run that
+failed by itself not requeued."""
 
 import json
 import os
@@ -262,3 +263,54 @@ def test_a_slow_save_on_rank_0_is_not_cut_short_by_the_other_ranks_exit(cluster,
     assert "fault: saving slowly (5 s)" in text and text.count("received SIGUSR1") == 2, text[-3000:]
     assert re.search(r"resumed from .*global step 3$", text, re.M), text[-3000:]
     assert final_state(tmp_path / "run")["state"]["global_step"] == 6
+
+
+def test_a_killed_task_requeues_the_job_which_resumes_bit_exactly(cluster, job_env, tmp_path, paper_2ranks):
+    """Two nodes, one task each, the paper augmentation and MESA: rank 1 is SIGKILLed after step 5 on the job's first
+    start; srun kills rank 0, launch.sh counts the failure in the job's Comment and requeues the job; the second
+    start resumes from the epoch-0 checkpoint (step 4) and ends equal to an uninterrupted torchrun run, bit for bit."""
+    (args, whole), out = paper_2ranks, tmp_path / "slurm.out"
+    jid = cluster.sbatch("--nodes=2", *ONE_TASK, f"--output={out}", ROOT / "slurm/train_multinode.sbatch", *args,
+                         f"run_dir={tmp_path / 'run'}",
+                         env=faults(job_env, KILL_RANK="1:5", ONLY_WHERE="SLURM_RESTART_COUNT="))
+    [job] = cluster.wait(jid, 600)
+    text = out.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text[-3000:]
+    assert job["Comment"] == "rank_failures=1"
+    assert text.count("fault: rank 1 killing itself after global step 5") == 1
+    assert re.findall(r"^\[launch\] .*$", text, re.M) == [
+        "[launch] task 1 failed (exit 137): requeued, failure 1 of 3 (the job resumes from the last checkpoint)",
+        "[launch] done (exit 0)"], text[-3000:]
+    assert re.findall(r"^resumed from .*global step (\d+)$", text, re.M) == ["4"], text[-3000:]
+    a, b = final_state(whole), final_state(tmp_path / "run")
+    assert a["state"]["global_step"] == b["state"]["global_step"] == 8
+    assert_same_run(a, b)
+
+
+def test_a_run_that_fails_by_itself_is_not_requeued_and_rank_failures_stop_at_max_failures(cluster, job_env,
+                                                                                          tmp_path):
+    """Side by side on the two nodes: a NaN loss with nan_policy=stop (exit 2) ends the job at once, not requeued;
+    a task killed on every start with MAX_FAILURES=1 is requeued once, then the job stops with one line."""
+    train = [*DEMO, *QUIET, "batch_size=32", "micro_batch_size=32", "max_steps=3"]
+    nan_out, kill_out = tmp_path / "nan.out", tmp_path / "kill.out"
+    nan = cluster.sbatch("-w", "n1", *ONE_TASK, f"--output={nan_out}", ROOT / "slurm/train.sbatch", *train,
+                         "nan_policy=stop", f"run_dir={tmp_path / 'nan'}", env=faults(job_env, NAN="0:2"))
+    kill = cluster.sbatch("-w", "n2", *ONE_TASK, f"--output={kill_out}", ROOT / "slurm/train.sbatch", *train,
+                          f"run_dir={tmp_path / 'kill'}", env={**faults(job_env, KILL_RANK="0:1"), "MAX_FAILURES": "1"})
+    [n] = cluster.wait(nan, 300)
+    text = nan_out.read_text()
+    assert n["JobState"] == "FAILED" and n["Restarts"] == "0" and n["ExitCode"] == "2:0", text[-3000:]
+    assert re.findall(r"^\[launch\] .*$", text, re.M) == [
+        "[launch] the run failed by itself (task 0 exit 2): not requeued; fix what the error line above names, then "
+        "submit the same command again (it resumes from the last checkpoint)"], text[-3000:]
+    assert re.search(r"^error: non-finite loss .* at epoch 0, step 1 \(global step 2\)", text, re.M), text[-3000:]
+    [k] = cluster.wait(kill, 300)
+    text = kill_out.read_text()
+    assert k["JobState"] == "FAILED" and k["Restarts"] == "1" and k["Comment"] == "rank_failures=1", text[-3000:]
+    assert text.count("fault: rank 0 killing itself after global step 1") == 2
+    assert re.findall(r"^\[launch\] .*$", text, re.M) == [
+        "[launch] task 0 failed (exit 137): requeued, failure 1 of 1 (the job resumes from the last checkpoint)",
+        "[launch] task 0 failed (exit 137): failure 2 with MAX_FAILURES=1: not requeued; the first error above says "
+        "what failed; fix it (or raise MAX_FAILURES) and submit the same command again: it resumes from the last "
+        "checkpoint"], text[-3000:]
+    assert k["ExitCode"] == "137:0"

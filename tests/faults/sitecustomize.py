@@ -9,8 +9,16 @@ Each fault is an environment variable:
   MV_FAULT_HOLD_AT_STEPS=N[,M..] after logging global step N, each rank waits (at most 2 minutes) until it receives
                                  a stop signal, which the next step's verdict carries to every rank: the run stops
                                  after step N + 1, so a test signals a run at a known step without racing it
+  MV_FAULT_KILL_RANK=RANK:STEP   rank RANK alone SIGKILLs itself right after logging global step STEP (a rank lost
+                                 to the OOM killer, an ECC error, a segfault); the other ranks are left waiting
+  MV_FAULT_KILL_WORKER_AT_STEP=N after logging global step N, the training process SIGKILLs one of its DataLoader
+                                 worker processes (as the OOM killer would) and prints its pid
+  MV_FAULT_TOUCH=STEP:PATH       after logging global step STEP, rank 0 appends one byte to PATH (a data file
+                                 rewritten under a running job)
   MV_FAULT_ONLY_WHERE=VAR=VALUE  inject the faults only in processes whose environment has VAR=VALUE (one element
-                                 of an array job: SLURM_ARRAY_TASK_ID=0)
+                                 of an array job: SLURM_ARRAY_TASK_ID=0; the first start under torchrun:
+                                 TORCHELASTIC_RESTART_COUNT=0); VAR= means VAR unset or empty (the first start of a
+                                 Slurm job: SLURM_RESTART_COUNT=)
 """
 
 import os
@@ -19,6 +27,7 @@ _where = os.environ.get("MV_FAULT_ONLY_WHERE", "=").split("=", 1)
 if any(k.startswith("MV_FAULT_") for k in os.environ) and os.environ.get(_where[0], "") == _where[1]:
     import signal
     import time
+    from pathlib import Path
 
     import torch
 
@@ -86,3 +95,49 @@ if any(k.startswith("MV_FAULT_") for k in os.environ) and os.environ.get(_where[
                     time.sleep(0.1)
 
         Trainer.log_train = log_then_hold
+
+    def after_logging(fault):
+        """Trainer.log_train, then ``fault(trainer)``."""
+        log_train = Trainer.log_train
+
+        def log_then_fault(self, out):
+            log_train(self, out)
+            fault(self)
+
+        Trainer.log_train = log_then_fault
+
+    if "MV_FAULT_KILL_RANK" in os.environ:
+        kill_rank, kill_step = map(int, os.environ["MV_FAULT_KILL_RANK"].split(":"))
+
+        def kill_rank_at(self):
+            if self.dist.rank == kill_rank and self.state.global_step == kill_step:
+                print(f"fault: rank {kill_rank} killing itself after global step {kill_step}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        after_logging(kill_rank_at)
+
+    if "MV_FAULT_KILL_WORKER_AT_STEP" in os.environ:
+        worker_step = int(os.environ["MV_FAULT_KILL_WORKER_AT_STEP"])
+
+        def kill_a_worker(self):
+            if self.state.global_step != worker_step:
+                return
+            # The training DataLoader's workers are this process's only children while it trains.
+            children = sorted(int(pid) for task in Path(f"/proc/{os.getpid()}/task").iterdir()
+                              for pid in (task / "children").read_text().split())
+            assert children, "fault: no DataLoader worker to kill (data.num_workers=0?)"
+            print(f"fault: killing DataLoader worker pid {children[0]} after global step {worker_step}", flush=True)
+            os.kill(children[0], signal.SIGKILL)
+
+        after_logging(kill_a_worker)
+
+    if "MV_FAULT_TOUCH" in os.environ:
+        touch_step, touch_path = os.environ["MV_FAULT_TOUCH"].split(":", 1)
+
+        def touch(self):
+            if self.dist.rank == 0 and self.state.global_step == int(touch_step):
+                print(f"fault: appending a byte to {touch_path}", flush=True)
+                with open(touch_path, "ab") as f:
+                    f.write(b"\0")
+
+        after_logging(touch)

@@ -7,6 +7,10 @@ ToTorchImage (ffcv issues #350, #396), and uint8 is the cheapest thing to move t
 
 from __future__ import annotations
 
+import os
+from datetime import datetime
+
+import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import Loader
@@ -15,14 +19,81 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.reader import Reader
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import Squeeze, ToTensor
+from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
+
+from ..errors import DataError
 
 from .ffcv_decoder import CropResizeDecoder
 from .order import Shard, batches_per_epoch, rank_indices
 
 
+AGAIN = "copy it again from its source, or convert it again (python -m mambavision_train.data.convert, docs/data.md)"
+
+# How often (in batches) a loader checks that its .beton is still the file it opened, besides every epoch's start: a
+# stat, cheap even on a parallel filesystem at this rate.
+STAT_EVERY = 256
+
+
 def beton_reader(path) -> Reader:
-    """A .beton's header and tables (the metadata of every sample, where each one lies); no image is read."""
-    return Reader(str(path))
+    """A .beton's header and tables (the metadata of every sample, where each one lies), checked to be whole; no
+    image is read."""
+    check_beton_size(path)
+    reader = Reader(str(path))
+    check_beton_tables(reader, path)
+    return reader
+
+
+def check_beton_size(path):
+    """The header (FFCV's writer.py: header, field descriptors, metadata, data pages, then the allocation table at
+    ``alloc_table_ptr`` up to the end of the file, which FFCV's reader takes as the table's end) against the file's
+    size. A copy cut short loses its end, the allocation table first: FFCV reads whatever is left as the table and
+    fails, or hangs, or reads garbage, only when it reaches a sample whose entry is missing."""
+    size = os.stat(path).st_size
+    if size < HeaderType.itemsize:
+        raise DataError(f"{path} is {size} bytes, shorter than an FFCV header: truncated, or not a .beton; {AGAIN}")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION:
+        raise DataError(f"{path} is not an FFCV file of format version {CURRENT_VERSION} (its header says "
+                        f"{header['version']}): truncated or damaged, or written by another FFCV; {AGAIN}")
+    table, fields_end = int(header["alloc_table_ptr"]), HeaderType.itemsize + int(header["num_fields"]) * FieldDescType.itemsize
+    if not fields_end <= table <= size or (size - table) % ALLOC_TABLE_TYPE.itemsize:
+        raise DataError(f"{path} is truncated: {size} bytes, but its header puts the allocation table at byte {table} "
+                        f"(entries of {ALLOC_TABLE_TYPE.itemsize} bytes to the end of the file); {AGAIN}")
+
+
+def check_beton_tables(reader: Reader, path):
+    """Every sample's data is in the allocation table and before it: what a table cut at an entry's boundary lacks."""
+    table = reader.alloc_table
+    end = int(reader.header["alloc_table_ptr"])
+    if len(table) and int((table["ptr"] + table["size"]).max()) > end:
+        raise DataError(f"{path} is damaged: its allocation table points past its data (byte {end}); {AGAIN}")
+    for column in reader.metadata.dtype.names or ():
+        meta = reader.metadata[column]
+        if meta.dtype.names and "data_ptr" in meta.dtype.names:
+            missing = int((~np.isin(meta["data_ptr"], table["ptr"])).sum())
+            if missing:
+                raise DataError(f"{path} is truncated: {missing} of its {len(meta)} samples have no entry in its "
+                                f"allocation table (the end of the file is missing); {AGAIN}")
+
+
+def file_stamp(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def check_unchanged(path, stamp: tuple[int, int]):
+    """A .beton rewritten, truncated or replaced while the run reads it (FFCV maps it into memory and read its tables
+    once): one line instead of garbage images or a SIGBUS."""
+    try:
+        now = file_stamp(path)
+    except OSError as e:
+        raise DataError(f"{path} went away while this run reads it ({e.strerror}): put it back, then run the same "
+                        f"command again: it resumes from the last checkpoint") from None
+    if now != stamp:
+        when = datetime.fromtimestamp(now[1] / 1e9).isoformat(timespec="seconds")
+        raise DataError(f"{path} changed while this run reads it (size {stamp[0]} -> {now[0]} bytes, modified {when}): "
+                        f"a .beton must not be rewritten under a running job; put the original back (or let the copy "
+                        f"finish), then run the same command again: it resumes from the last checkpoint")
 
 
 def num_labels(reader: Reader) -> int:
@@ -99,6 +170,7 @@ class FFCVLoader:
         self.path, self.train, self.batch_size, self.seed, self.shard = str(path), train, batch_size, seed, shard
         self.res = res
         reader = reader or beton_reader(self.path)
+        self.stamp = file_stamp(self.path)  # what the file is now, checked to stay so while the run reads it
         self.num_samples = int(reader.num_samples)  # numpy uint64 in FFCV: keep arithmetic signed
         self.epoch, self.start_batch = 0, 0
         self.decoder = CropResizeDecoder((res, res), mode="random" if train else crop_mode, scale=scale,
@@ -119,5 +191,8 @@ class FFCVLoader:
         return batches_per_epoch(self.num_samples, self.batch_size, self.shard, drop_last=self.train) - self.start_batch
 
     def __iter__(self):
-        for images, labels in self.loader:
+        check_unchanged(self.path, self.stamp)
+        for i, (images, labels) in enumerate(self.loader, 1):
+            if i % STAT_EVERY == 0:
+                check_unchanged(self.path, self.stamp)
             yield images.permute(0, 3, 1, 2), labels.long()  # NHWC memory viewed as NCHW: channels_last for free

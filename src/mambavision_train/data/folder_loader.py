@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import os
 import random
+import re
 import signal
 import threading
 
@@ -155,6 +156,23 @@ class ShardBatchSampler(Sampler):
         return len(self.owner)
 
 
+def _ignore_sigchld(signum, frame):
+    pass
+
+
+def report_worker_deaths_where_batches_are_asked_for():
+    """torch's SIGCHLD handler (installed by the first multi-worker iterator) raises "DataLoader worker ... is killed
+    by signal" in whatever the training process is doing when a worker dies: inside a checkpoint write, or between
+    two collectives, where the other ranks would wait for it until their timeout. Without it the iterator still
+    notices a dead worker when the batch it owed is asked for (it checks its workers every few seconds while it
+    waits), and that error is raised in __iter__ above, where it becomes one line. SIGCHLD's default is to ignore."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGCHLD)
+    if getattr(handler, "__module__", "") == "torch.utils.data._utils.signal_handling":
+        signal.signal(signal.SIGCHLD, _ignore_sigchld)
+
+
 def leave_stop_signals_to_the_trainer(worker_id: int):
     """Slurm sends its signals (requeue, preemption, cancellation, the time-limit warning) to every process of the
     job step, these workers included. A worker that died of Slurm's SIGTERM would make the DataLoader raise in the
@@ -212,10 +230,35 @@ class FolderLoader:
         return batches_per_epoch(len(self.dataset), self.batch_size, self.shard, drop_last=self.train) - self.start_batch
 
     def __iter__(self):
-        for images, labels, bad in self.loader:
+        batches = iter(self.loader)
+        report_worker_deaths_where_batches_are_asked_for()
+        batch = self.start_batch
+        while True:
+            try:
+                images, labels, bad = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if not str(e).startswith("DataLoader worker (pid"):
+                    raise
+                raise DataError(self._worker_died(batches, str(e), batch)) from None
+            batch += 1
             self._report(bad)
             if images is not None:
                 yield images, labels
+
+    def _worker_died(self, batches, message: str, batch: int) -> str:
+        """The line for torch's "DataLoader worker (pid(s) N) exited unexpectedly": which worker, how it ended, where."""
+        found = re.match(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)", message)
+        pids = {int(p) for p in re.findall(r"\d+", found.group(1))} if found else set()
+        dead = [f"{i} (pid {w.pid}{', killed by ' + signal.Signals(-w.exitcode).name if (w.exitcode or 0) < 0 else ''})"
+                for i, w in enumerate(getattr(batches, "_workers", ())) if w.pid in pids]
+        rank = f"rank {self.shard.rank}: " if self.shard.world_size > 1 else ""
+        workers = ", ".join(dead) or ", ".join(f"pid {p}" for p in sorted(pids))
+        return (f"{rank}DataLoader worker {workers} of {self.root} died while loading batch {batch} of epoch {self.epoch} (counted from 0) "
+                f"(SIGKILL is most often the out-of-memory killer: lower data.num_workers or ask for more memory; "
+                f"see the job's or the kernel's log); the last checkpoint is intact: run the same command again to "
+                f"resume from it")
 
     def _report(self, bad):
         for path, reason in bad:

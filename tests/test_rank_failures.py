@@ -1,0 +1,93 @@
+"""A rank, a loader worker or a data file lost under a running job: the run ends by itself with one line, and the
+launcher's restart resumes it to the same weights as an uninterrupted run (issue 24). On Slurm: tests/test_slurm.py.
+Faults are injected from the test side (tests/faults/sitecustomize.py)."""
+
+import re
+import shutil
+
+import pytest
+import torch
+
+from runs import SHORT, assert_same, assert_same_run, faults, final_state, run, run_in_process, torchrun
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_ends_bit_exact(env, tmp_path, paper_2ranks):
+    """Rank 1 SIGKILLed after step 7 on the first start only: torchrun's agent (--max-restarts=1) stops rank 0 and
+    starts both again, they resume from the step-6 checkpoint (mid-epoch 1, after a validation) and end with the
+    final checkpoint and exported EMA weights of the uninterrupted run, bit for bit."""
+    (args, whole), d = paper_2ranks, tmp_path / "restarted"
+    res = run("train.py", *args, f"run_dir={d}", "resume=auto", prefix=[*torchrun(2), "--max-restarts=1"],
+              env=faults({**env, "OMP_NUM_THREADS": "1"}, KILL_RANK="1:7", ONLY_WHERE="TORCHELASTIC_RESTART_COUNT=0"))
+    assert res.stdout.count("fault: rank 1 killing itself after global step 7") == 1, res.stdout[-3000:]
+    assert re.search(r"^resumed from .*global step 6$", res.stdout, re.M), res.stdout[-3000:]
+    a, b = final_state(whole), final_state(d)
+    assert a["state"]["global_step"] == b["state"]["global_step"] == 8
+    assert_same_run(a, b)
+    ema = lambda r: torch.load(r / "checkpoints" / "ema_last.pth", weights_only=True)
+    assert_same(ema(whole), ema(d), "ema_last.pth")
+
+
+@pytest.mark.slow
+def test_a_killed_dataloader_worker_ends_the_run_with_one_line_and_the_checkpoint_intact(env, tmp_path):
+    """The folder loader's worker SIGKILLed after step 3 (as the OOM killer would): exit 2 and one line naming the
+    worker, its pid, the signal and the batch it owed; the checkpoint written before (every 2 steps) loads."""
+    res = run("train.py", *SHORT, "data.num_workers=2", "max_steps=12", f"run_dir={tmp_path}",
+              env=faults(env, KILL_WORKER_AT_STEP=3), check=False)
+    [pid] = re.findall(r"^fault: killing DataLoader worker pid (\d+) after global step 3$", res.stdout, re.M)
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert "Traceback" not in res.stderr and len([ln for ln in lines if ln.startswith("error:")]) == 1, res.stderr
+    error = lines[-1]
+    found = re.match(rf"error: DataLoader worker (\d) \(pid {pid}, killed by SIGKILL\) of \S+/train died while "
+                     rf"loading batch (\d+) of epoch 0 \(counted from 0\) .*out-of-memory killer.*resume from it$",
+                     error)
+    assert found, error
+    state = final_state(tmp_path)
+    assert state["state"]["global_step"] in (2, 4) and state["state"]["global_step"] <= int(found.group(2))
+    assert error in (tmp_path / "train.log").read_text()
+
+
+@pytest.fixture
+def beton_copy(tmp_path, few_digits):
+    """few_digits with its .beton files copied, to damage."""
+    root = tmp_path / "data"
+    src = next(a for a in few_digits if a.startswith("data.root=")).split("=", 1)[1]
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("images"))
+    return root, [a for a in few_digits if not a.startswith("data.root=")] + [f"data.root={root}"]
+
+
+def test_a_truncated_beton_is_refused_at_start_with_one_line(env, tmp_path, beton_copy):
+    """Cut at an allocation-table entry's boundary (a copy stopped there) and in the middle: refused before
+    training, one line naming the file and what to do."""
+    root, data = beton_copy
+    train = root / "train.beton"
+    whole = train.read_bytes()
+    for cut, says in ((len(whole) - 3 * 24, "3 of its 260 samples have no entry in its allocation table"),
+                      (len(whole) // 2, "but its header puts the allocation table at byte")):
+        train.write_bytes(whole[:cut])
+        res = run_in_process("train.py", *data, "max_steps=1", "progress=false", "logger.mode=disabled",
+                             f"run_dir={tmp_path / 'run'}", env=env)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        [error] = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert error.startswith(f"error: {train} is truncated: ") and says in error, error
+        assert "convert it again (python -m mambavision_train.data.convert" in res.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_beton_changed_during_the_run_stops_it_at_the_next_epoch_with_one_line(env, tmp_path, beton_copy):
+    """One byte appended to train.beton after step 2: the loader sees the new size when epoch 1 starts (step 8 on one
+    process) and the run stops with one line naming the file, exit 2; the epoch-0 checkpoint is there to resume."""
+    root, data = beton_copy
+    train = root / "train.beton"
+    size = train.stat().st_size
+    res = run("train.py", *data, "batch_size=32", "micro_batch_size=32", "max_steps=10", "progress=false",
+              "logger.mode=disabled", "log_every=1", f"run_dir={tmp_path / 'run'}",
+              env=faults(env, TOUCH=f"2:{train}"), check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"fault: appending a byte to {train}" in res.stdout and "val epoch 0" in res.stdout
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        f"error: {train} changed while this run reads it (size {size} -> {size + 1} bytes, modified "), res.stderr
+    assert "train epoch 1" not in res.stdout
+    assert final_state(tmp_path / "run")["state"]["epoch"] == 1
