@@ -47,7 +47,8 @@ def trainer(cfg) -> float:
 
 def bare(cfg) -> float:
     """The demo's training written out plainly with the package's own parts."""
-    from mambavision_train.data import AugConfig, DataConfig, build_loader, from_config
+    from mambavision_train.config import AugConfig, DataConfig, typed
+    from mambavision_train.data import build_loader
     from mambavision_train.engine.ema import EMA
     from mambavision_train.engine.evaluate import evaluate
     from mambavision_train.models.build import create_model, variant_data_args
@@ -58,7 +59,7 @@ def bare(cfg) -> float:
     model = model.to(memory_format=torch.channels_last)
     ema.module.to(memory_format=torch.channels_last)
     view = variant_data_args(model, cfg.model)
-    data, aug = from_config(DataConfig, cfg.data), from_config(AugConfig, cfg.aug)
+    data, aug = typed(DataConfig, cfg.data), typed(AugConfig, cfg.aug)
     common = dict(res=view["res"], mean=view["mean"], std=view["std"], seed=cfg.seed)
     train, train_aug = build_loader(data, aug, train=True, batch_size=cfg.micro_batch_size, **common)
     val, val_aug = build_loader(data, aug, train=False, batch_size=cfg.eval_batch_size, **{**view, **common})

@@ -217,15 +217,21 @@ def check_schema(schema, cfg):
         raise ConfigError(f"{missing[0]} must be set (e.g. {missing[0]}=...); this config leaves it to you")
 
 
+def check_request(cfg, schema, world_size: int, source: str):
+    """What training and evaluation requests share: the schema's keys and values, the model, the device, the scan
+    and the weights named by the key ``source``."""
+    check_schema(schema, cfg)
+    check_model(cfg)
+    check_fields(cfg, schema)
+    check_device(cfg.device, world_size)
+    check_scan(cfg)
+    check_source(source, cfg[source])
+
+
 def validate_train(cfg, world_size: int) -> int:
     """Everything about a training request that types cannot say; returns the gradient accumulation steps."""
     from timm.optim import list_optimizers
-    check_schema(TrainConfig, cfg)
-    check_model(cfg)
-    check_fields(cfg, TrainConfig)
-    check_device(cfg.device, world_size)
-    check_scan(cfg)
-    check_source("init_from", cfg.init_from)
+    check_request(cfg, TrainConfig, world_size, "init_from")
     check_run_root(cfg)
     _choice("optim.name", cfg.optim.name, list_optimizers(), what="a timm optimizer (timm.optim.list_optimizers())")
     if cfg.sched.warmup_epochs > cfg.epochs:
@@ -245,9 +251,4 @@ def validate_train(cfg, world_size: int) -> int:
 
 
 def validate_eval(cfg, world_size: int = 1):
-    check_schema(EvalConfig, cfg)
-    check_model(cfg)
-    check_fields(cfg, EvalConfig)
-    check_device(cfg.device, world_size)
-    check_scan(cfg)
-    check_source("checkpoint", cfg.checkpoint)
+    check_request(cfg, EvalConfig, world_size, "checkpoint")

@@ -19,6 +19,7 @@ class Checkpointer:
         checked to be finite before every save and after every load."""
         self.cfg, self.store, self.weight_modules, self.device, self.log = cfg, store, weight_modules, device, log
         self.states, self.values = {}, {}
+        self.changes_allowed = False  # whether the checkpoint a resume loads may differ from this config
 
     def register(self, key: str, state):
         """An object with state_dict()/load_state_dict(), saved under ``key`` and restored at a resume."""
@@ -56,13 +57,11 @@ class Checkpointer:
         paths = checkpoints_to_try(run_dir, str(self.cfg.resume))
         if not paths:
             return None
-        path, state, failed, allowed = load_first_good(self.store, paths, self.cfg, world_size,
+        path, state, failed, self.changes_allowed = load_first_good(self.store, paths, self.cfg, world_size,
                                                        list(self.weight_modules().values()), self.device, self.log)
         if failed:
             self.log(f"warning: skipped {', '.join(f'{p.name} ({why})' for p, why in failed)}; resuming from the "
                      f"newest checkpoint that loads: {path}")
         for key, obj in self.states.items():
-            if hasattr(obj, "changes_allowed"):
-                obj.changes_allowed = allowed
             obj.load_state_dict(state[key])
         return path

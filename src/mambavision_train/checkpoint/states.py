@@ -37,16 +37,16 @@ class Schedule:
     """The learning-rate schedule. A resume that allows recipe changes keeps this config's schedule instead, and puts
     its hyper-parameters back over the restored optimizer's (from the restored step on)."""
 
-    def __init__(self, scheduler, optimizer):
-        self.scheduler, self.optimizer = scheduler, optimizer
+    def __init__(self, scheduler, optimizer, changes_allowed):
+        """changes_allowed(): whether the checkpoint being loaded may differ from this config (the Checkpointer's)."""
+        self.scheduler, self.optimizer, self.changes_allowed = scheduler, optimizer, changes_allowed
         self.fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        self.changes_allowed = False  # set by the Checkpointer before it loads
 
     def state_dict(self) -> dict:
         return self.scheduler.state_dict()
 
     def load_state_dict(self, state: dict):
-        if self.changes_allowed:
+        if self.changes_allowed():
             for group, fresh in zip(self.optimizer.param_groups, self.fresh):
                 group.update(fresh)
         else:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from ..config import DATA_KINDS as KINDS
 from ..config import AugConfig, DataConfig
-from ..config import typed as from_config
 from ..errors import DataError
 from .augment import DeviceAugment
 from .order import Shard
@@ -152,4 +151,4 @@ def build_loader(cfg: DataConfig, aug: AugConfig | None, *, train: bool, batch_s
 
 
 __all__ = ["DataConfig", "AugConfig", "DataError", "DeviceAugment", "Shard", "build_loader", "check", "class_map",
-           "from_config", "num_images"]
+           "num_images"]
