@@ -32,9 +32,13 @@ fi
 # ("srun: error: <node>: task 1: Killed") name each task's end as it comes: the first is the cause.
 srun_log=$(mktemp "${TMPDIR:-/tmp}/mv-launch.XXXXXX")
 trap 'rm -f "$srun_log"' EXIT
+# scancel and a requeue send SIGTERM to every process of the job, this script and tee too, while the ranks still
+# checkpoint and say why they stopped: tee ignores it (or their last lines would be lost with the pipe) and this
+# script waits for srun, to say what it decided.
+trap ':' TERM
 status=0
-{ srun --kill-on-bad-exit=1 --cpus-per-task="$cpus" "$PYTHON" "$@" 2>&1 1>&3 3>&- | tee "$srun_log" >&2; } 3>&1 ||
-    status=$?
+{ srun --kill-on-bad-exit=1 --cpus-per-task="$cpus" "$PYTHON" "$@" 2>&1 1>&3 3>&- |
+    (trap '' TERM; exec tee "$srun_log" >&2); } 3>&1 || status=$?
 task="" code=$status
 if [ "$status" -ne 0 ] && first=$(grep -m1 -E '^srun: error: [^ ]+: tasks? [0-9,-]+: ' "$srun_log"); then
     task=${first#*: task}; task=${task#s}; task=${task%%:*}; task="task${task}"

@@ -190,6 +190,8 @@ def test_requeue_and_preemption_resume_to_identical_weights(cluster, job_env, tm
         ctext = cancelled_out.read_text()
         assert c["JobState"] == "CANCELLED" and c["Restarts"] == "0", ctext[-2000:]
         assert "stopped by SIGTERM after checkpointing (not requeued)" in ctext
+        # scancel's SIGTERM reaches launch.sh and its tee too: they outlive the ranks' last lines
+        assert "[launch] stopped by SIGTERM (task 0 exit 143): not requeued" in ctext, ctext[-2000:]
         assert final_state(tmp_path / "cancelled")["state"]["global_step"] == 4
         assert whole.wait(timeout=300) == 0, (tmp_path / "whole.out").read_text()[-3000:]
     finally:
