@@ -2,8 +2,10 @@
 launcher's restart resumes it to the same weights as an uninterrupted run (issue 24). On Slurm: tests/test_slurm.py.
 Faults are injected from the test side (tests/faults/sitecustomize.py)."""
 
+import random
 import re
 import shutil
+import time
 
 import pytest
 import torch
@@ -11,25 +13,78 @@ import torch
 from runs import SHORT, assert_same, assert_same_run, faults, final_state, run, run_in_process, torchrun
 
 
+def rank0_line(stderr: str) -> str:
+    """The one line rank 0 ends with when it loses a peer (errors.PeerFailed)."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error: rank 0 lost a peer rank in ")]
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].endswith("with resume=auto, the default"), lines[0]
+    return lines[0]
+
+
 @pytest.mark.slow
-# Passed on its branch (before the checkpoint/trainer refactor, dec7b78 and earlier); on main the restarted group's
-# rank 1 gets "Gloo connectFullMesh ... Connection refused" three times out of three: rank 0 of the restart dies
-# first, its traceback cut off by runs.run's 3000-character tail. Open in issue 24; strict, so a fix shows up here.
-@pytest.mark.xfail(strict=True, reason="issue 24: the torchrun restart fails to rejoin on main (rank 0 of the "
-                   "restart dies); see the closing note")
 def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_ends_bit_exact(env, tmp_path, paper_2ranks):
-    """Rank 1 SIGKILLed after step 7 on the first start only: torchrun's agent (--max-restarts=1) stops rank 0 and
-    starts both again, they resume from the step-6 checkpoint (mid-epoch 1, after a validation) and end with the
-    final checkpoint and exported EMA weights of the uninterrupted run, bit for bit."""
+    """Rank 1 SIGKILLed after step 7 on the first start only: rank 0 ends with its line and exit 75, torchrun's agent
+    (--max-restarts=1) starts both again (in a fresh rendezvous: distributed.restart_safe_store), they resume from
+    the step-6 checkpoint (mid-epoch 1, after a validation) and end with the final checkpoint and exported EMA
+    weights of the uninterrupted run, bit for bit."""
     (args, whole), d = paper_2ranks, tmp_path / "restarted"
     res = run("train.py", *args, f"run_dir={d}", "resume=auto", prefix=[*torchrun(2), "--max-restarts=1"],
               env=faults({**env, "OMP_NUM_THREADS": "1"}, KILL_RANK="1:7", ONLY_WHERE="TORCHELASTIC_RESTART_COUNT=0"))
     assert res.stdout.count("fault: rank 1 killing itself after global step 7") == 1, res.stdout[-3000:]
+    assert "in global step 8 " in rank0_line(res.stderr)
+    assert "Connection refused" not in res.stderr, res.stderr[-3000:]
     assert re.search(r"^resumed from .*global step 6$", res.stdout, re.M), res.stdout[-3000:]
     a, b = final_state(whole), final_state(d)
     assert a["state"]["global_step"] == b["state"]["global_step"] == 8
     assert_same_run(a, b)
-    ema = lambda r: torch.load(r / "checkpoints" / "ema_last.pth", weights_only=True)
+    assert_same(ema(whole), ema(d), "ema_last.pth")
+
+
+def ema(run_dir):
+    return torch.load(run_dir / "checkpoints" / "ema_last.pth", weights_only=True)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_then_a_killed_one_end_the_job_by_themselves_and_it_resumes_bit_exact(env, tmp_path, paper_2ranks):
+    """Under torchrun without restarts, three starts of one run (4 steps an epoch, checkpoints after steps 3, 4, 6
+    and 8): (1) rank 1 stalls after step 5 (asleep 8 s, then SIGSTOPped): its watchdog writes its stack, rank 0 gives
+    up after dist.timeout_s with its line, and the job ends by itself; (2) rank 1 SIGKILLed after a random step: the
+    job ends within seconds; (3) the run resumes and ends bit-equal to the uninterrupted one."""
+    (args, whole), d = paper_2ranks, tmp_path / "run"
+    train = [*args, f"run_dir={d}", "resume=auto", "dist.timeout_s=20", "dist.watchdog_s=4"]
+    env = {**env, "OMP_NUM_THREADS": "1"}
+
+    res = run("train.py", *train, prefix=torchrun(2), env=faults(env, STALL_RANK="1:5:8"), check=False)
+    ended = time.time()
+    assert res.returncode != 0
+    [stalled] = re.findall(r"^fault: rank 1 stalling after global step 5 at ([\d.]+)$", res.stdout, re.M)
+    # 8 s asleep, 20 s of dist.timeout_s, then torchrun's 30 s between its SIGTERM and SIGKILL (a stopped process
+    # takes only the second), and rank 0's exit
+    assert ended - float(stalled) < 8 + 20 + 30 + 20, ended - float(stalled)
+    line = rank0_line(res.stderr)
+    assert line.startswith("error: rank 0 lost a peer rank in global step 6 (epoch 1; "), line
+    assert float(re.search(r" after (\d+) s \(dist.timeout_s=20\)", line).group(1)) >= 20, line
+    stacks = (d / "watchdog" / "rank1.log").read_text()
+    assert stacks.count("watchdog: rank 1: nothing finished for ") == 1, stacks
+    assert "in the end of global step 5 (its log line and checkpoint)" in stacks, stacks
+    assert "in stalled_rank" in stacks and "mambavision-watchdog" not in stacks.split("\n")[0], stacks
+    assert f"every thread's stack written to {d / 'watchdog' / 'rank1.log'}" in res.stderr
+    assert "resume from the last checkpoint" in line and final_state(d)["state"]["global_step"] == 4
+
+    step = random.randint(5, 7)
+    res = run("train.py", *train, prefix=torchrun(2), env=faults(env, KILL_RANK=f"1:{step}"), check=False)
+    ended = time.time()
+    assert res.returncode != 0 and re.search(r"^resumed from .*global step 4$", res.stdout, re.M), res.stdout[-3000:]
+    [killed] = re.findall(rf"^fault: rank 1 killing itself after global step {step} at ([\d.]+)$", res.stdout, re.M)
+    assert ended - float(killed) < 15, (step, ended - float(killed))
+    rank0_line(res.stderr)  # in the next step, or in the checkpoint after step 6
+
+    res = run("train.py", *train, prefix=torchrun(2), env=env)
+    resumed = int(re.search(r"^resumed from .*global step (\d+)$", res.stdout, re.M).group(1))
+    assert resumed in (4, 6) and resumed <= step, (step, resumed)
+    a, b = final_state(whole), final_state(d)
+    assert a["state"]["global_step"] == b["state"]["global_step"] == 8
+    assert_same_run(a, b)
     assert_same(ema(whole), ema(d), "ema_last.pth")
 
 

@@ -178,6 +178,12 @@ class DistConfig:
     kind: DistKind = MISSING
     sync_bn: bool = False  # the official recipe averages BN statistics before evaluation instead
     reshard_after_forward: bool = True  # fsdp: false keeps gathered parameters from forward to backward
+    # How long a rank waits for the others in a collective before it ends the run with one line (exit 75): a rank
+    # that died or hangs. Checkpoint saves wait checkpoint.timeout_s instead.
+    timeout_s: float = valid(600.0, lo=1)
+    # No step or phase finished for this long: write every thread's stack of each rank once (the run goes on).
+    # 0: three times the slowest step or phase seen, at least 300 s.
+    watchdog_s: float = valid(0.0, lo=0)
 
 
 @dataclass
@@ -206,6 +212,8 @@ class CheckpointConfig:
     every_n_steps: int = valid(0, lo=0)
     keep_steps: bool = False  # keep a copy of each of those as step_<N>.pth.tar ...
     keep_last_n: int = valid(3, lo=1)  # ... the newest N of them
+    # how long the other ranks wait for rank 0 to write one (a large model on a slow shared file system)
+    timeout_s: float = valid(1800.0, lo=1)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    save_group: object = None  # the process group with checkpoint.timeout_s, when there is one
 
     @property
     def is_main(self) -> bool:
@@ -113,18 +115,58 @@ def pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}")
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float = 600.0, save_timeout_s: float | None = None) -> DistInfo:
+    """The process group of this launch, its collectives bounded by ``timeout_s``; with ``save_timeout_s``, a second
+    group (gloo, host memory) with that longer bound for the waits on rank 0's checkpoint writes (``save_group``)."""
     launch = launch_env()
     dev = pick_device(device, launch.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    save_group = None
     if launch.world_size > 1 and not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
         # torchrun: env:// (the default), which also finds its agent's store; srun: everything said explicitly.
         where = (dict(init_method=slurm_rendezvous(), rank=launch.rank, world_size=launch.world_size)
-                 if launch.by_slurm else {})
+                 if launch.by_slurm else restart_safe_store(timeout) or {})
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None,
-                                **where)
-    return DistInfo(rank=launch.rank, local_rank=launch.local_rank, world_size=launch.world_size, device=dev)
+                                timeout=timeout, **where)
+        if save_timeout_s is not None:
+            save_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=save_timeout_s))
+    return DistInfo(rank=launch.rank, local_rank=launch.local_rank, world_size=launch.world_size, device=dev,
+                    save_group=save_group)
+
+
+def restart_safe_store(timeout: timedelta, environ: Mapping[str, str] | None = None) -> dict | None:
+    """init_process_group's store under a single-node torchrun that may restart its workers, else None (env://).
+
+    The agent shares its rendezvous store with the workers and keeps it across restarts, and torch's env:// puts no
+    attempt in the keys: a restarted group can read the addresses of the processes it replaced and fail with "Gloo
+    connectFullMesh ... Connection refused" (NCCL: a stale unique id; pytorch#135712, #167288). One agent means one
+    restart count for every worker, so it can be the prefix. Over several nodes the counts can differ between agents:
+    there torchrun needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/training.md)."""
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("LOCAL_WORLD_SIZE") != env.get("WORLD_SIZE"):
+        return None
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dict(store=dist.PrefixStore(f"mambavision/attempt_{attempt}", store), rank=rank, world_size=world)
+
+
+# What a collective raises when a peer process is gone or silent: gloo's transport errors and c10d's own; NCCL's
+# watchdog instead aborts the process itself after the timeout (its "Watchdog caught collective operation timeout").
+PEER_LOST = re.compile(r"gloo|Connection (reset|closed|refused)|Broken pipe|Timed out waiting|timeout caused pair "
+                       r"closure|NCCL communicator was aborted|NCCL error")
+
+
+def is_peer_failure(e: BaseException | None) -> bool:
+    for _ in range(8):  # the exception and what it was raised from
+        if e is None:
+            return False
+        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and PEER_LOST.search(str(e))):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -133,15 +175,19 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
+    """``group``: a gloo group (DistInfo.save_group) takes tensors in host memory."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
 
 
-def barrier(device: torch.device):
+def barrier(device: torch.device, group=None):
     if dist.is_available() and dist.is_initialized():
-        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+        if group is not None:  # gloo
+            dist.barrier(group=group)
+        else:
+            dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def gather_objects(obj, info: DistInfo) -> list:

@@ -47,6 +47,13 @@ class ExportError(RunError, RuntimeError):
     """A request the exporter refuses, in one line that says what to do."""
 
 
+class PeerFailed(RunError):
+    """Another rank died or stopped answering inside a collective: this one ends too, with exit status 75
+    (EX_TEMPFAIL), which slurm/launch.sh requeues and torchrun --max-restarts restarts."""
+
+    code = 75
+
+
 class Stopped(RunError):
     """The run stopped on a signal after writing its checkpoint; ``code`` is the process's exit status."""
 

@@ -35,8 +35,9 @@ BY_PRIORITY = {v: k for k, v in PRIORITY.items()}
 
 
 class StopSignals:
-    def __init__(self, device: torch.device, is_main: bool, log=None):
+    def __init__(self, device: torch.device, is_main: bool, log=None, group=None):
         self.device, self.is_main, self.log = device, is_main, log  # log: the run's RunLog, for train.log
+        self.group = group  # the barrier's group: rank 0 may still be writing (DistInfo.save_group)
         self.received = 0  # PRIORITY of the strongest signal seen by this rank
         self.previous = {}
         for sig in PRIORITY:
@@ -78,7 +79,7 @@ class StopSignals:
         submitit = sig != signal.SIGTERM and callable(previous)
         if sig != signal.SIGTERM and not submitit and os.environ.get("SLURM_JOB_ID"):
             note = requeue(os.environ["SLURM_JOB_ID"]) if self.is_main else "rank 0 requeues"
-        barrier(self.device)
+        barrier(self.device, self.group)
         if submitit:
             previous(sig, None)  # submitit's handler: requeues the job and exits the process
         return Stopped(f"stopped by {sig.name} after checkpointing ({note})", 128 + sig)

@@ -11,6 +11,9 @@ Each fault is an environment variable:
                                  after step N + 1, so a test signals a run at a known step without racing it
   MV_FAULT_KILL_RANK=RANK:STEP   rank RANK alone SIGKILLs itself right after logging global step STEP (a rank lost
                                  to the OOM killer, an ECC error, a segfault); the other ranks are left waiting
+  MV_FAULT_STALL_RANK=RANK:STEP:S rank RANK alone, right after logging global step STEP, sleeps S seconds (in a
+                                 function named stalled_rank, for its stack) and then SIGSTOPs itself: a rank alive
+                                 but not progressing, as on a hung file system or driver
   MV_FAULT_KILL_WORKER_AT_STEP=N after logging global step N, the training process SIGKILLs one of its DataLoader
                                  worker processes (as the OOM killer would) and prints its pid
   MV_FAULT_TOUCH=STEP:PATH       after logging global step STEP, rank 0 appends one byte to PATH (a data file
@@ -111,10 +114,23 @@ if any(k.startswith("MV_FAULT_") for k in os.environ) and os.environ.get(_where[
 
         def kill_rank_at(self):
             if self.dist.rank == kill_rank and self.state.global_step == kill_step:
-                print(f"fault: rank {kill_rank} killing itself after global step {kill_step}", flush=True)
+                print(f"fault: rank {kill_rank} killing itself after global step {kill_step} at {time.time():.3f}",
+                      flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
         after_logging(kill_rank_at)
+
+    if "MV_FAULT_STALL_RANK" in os.environ:
+        stall_rank, stall_step, stall_s = os.environ["MV_FAULT_STALL_RANK"].split(":")
+
+        def stalled_rank(self):
+            if self.dist.rank == int(stall_rank) and self.state.global_step == int(stall_step):
+                print(f"fault: rank {stall_rank} stalling after global step {stall_step} at {time.time():.3f}",
+                      flush=True)
+                time.sleep(float(stall_s))
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+        after_logging(stalled_rank)
 
     if "MV_FAULT_KILL_WORKER_AT_STEP" in os.environ:
         worker_step = int(os.environ["MV_FAULT_KILL_WORKER_AT_STEP"])

@@ -53,8 +53,10 @@ class RunCheckpoints:
     EMA and optimizer come from the objects themselves."""
 
     def __init__(self, run_dir, model, ema, optimizer, is_main: bool, sharded: bool, keep_last_n: int = 3,
-                 device="cpu", export: dict | None = None):
-        """export: what the exported EMA files carry besides the weights (class map, variant)."""
+                 device="cpu", export: dict | None = None, group=None):
+        """export: what the exported EMA files carry besides the weights (class map, variant). group: where the
+        other ranks wait for rank 0's writes (DistInfo.save_group: gloo, with checkpoint.timeout_s)."""
+        self.group = group
         self.dir = fmt.directory(run_dir)
         self.export = export or {}
         self.model, self.ema, self.optimizer, self.is_main, self.sharded = model, ema, optimizer, is_main, sharded
@@ -84,7 +86,8 @@ class RunCheckpoints:
                 self._drop_old_step_copies()
         except OSError as e:
             error = e
-        if all_reduce_max(torch.tensor([int(error is not None)], device=self.device)).item():
+        failed = torch.tensor([int(error is not None)], device="cpu" if self.group is not None else self.device)
+        if all_reduce_max(failed, self.group).item():
             reason = f"{error.strerror or error}" if error is not None else "rank 0 could not write it"
             raise CheckpointWriteError(f"could not write a checkpoint in {self.dir} ({reason}); the previous one is "
                                        f"intact: free space (or fix the path) and run the same command again")
@@ -132,7 +135,7 @@ class RunCheckpoints:
             for link in names:
                 _point(self.dir / (link + fmt.SHARDED), final)
             self._prune()
-        dist.barrier()
+        dist.barrier(group=self.group)
 
     def _prune(self):
         """Remove sharded checkpoints no link points at any more (and leftovers of interrupted saves)."""

@@ -8,6 +8,7 @@ the official code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -36,6 +37,7 @@ from ..parallel import clip_grad_norm, grad_sync, is_sharded, parallelize
 from ..precision import AMP_NAMES, amp_dtype, autocast, set_determinism
 from ..preemption import StopSignals
 from ..preflight import check_train
+from ..watchdog import Heartbeat, Watchdog, peer_failures
 from .ema import EMA
 from .evaluate import evaluate
 from .loss import Loss
@@ -48,17 +50,30 @@ class Trainer:
         request = check_train(cfg, env_world_size())
         self.accum, self.data_cfg, self.aug_cfg, self.classes = (request.accumulation, request.data, request.aug,
                                                                  request.classes)
-        self.dist: DistInfo = init_distributed(cfg.device)
+        self.dist: DistInfo = init_distributed(cfg.device, cfg.dist.timeout_s, cfg.checkpoint.timeout_s)
         self.run_dir = Path(cfg.run_dir)
         # Rank 0's lines from here on go to train.log too, the line that ends the run included.
         self.log = RunLog(self.run_dir / "train.log" if self.dist.is_main else None)
-        with self.log.failures():
+        self.heartbeat = Heartbeat()
+        self.watchdog = Watchdog(self.heartbeat, self.run_dir / "watchdog" / f"rank{self.dist.rank}.log",
+                                 self.dist.rank, cfg.dist.watchdog_s)
+        self.watchdog.start()
+        with self.failures():
             self.build()
+
+    def failures(self):
+        """What ends the run goes into train.log; a peer lost in a collective ends it with one line (exit 75)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.log.failures())
+        stack.enter_context(peer_failures(self.heartbeat, self.dist.rank, self.cfg.dist.timeout_s,
+                                          lambda: fmt.latest(self.run_dir)))
+        return stack
 
     # ------------------------------------------------------------------------------------------------- build
     def build(self):
         cfg = self.cfg
-        self.stops, self.stopping = StopSignals(self.dist.device, self.dist.is_main, log=self.log), None
+        self.stops = StopSignals(self.dist.device, self.dist.is_main, log=self.log, group=self.dist.save_group)
+        self.stopping = None
         self.dtype = amp_dtype(cfg.amp, self.dist.device)
         set_determinism(cfg.deterministic, self.dist.device)
         # The scan this run computes with, fixed once here (auto depends on the device and on what is installed).
@@ -98,6 +113,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.dtype == torch.float16)
         self.loss = Loss(cfg.aug, cfg.mesa, cfg.epochs, teacher=self.ema.module if self.ema else None)
         self.checkpointer = self.build_checkpointer()
+        self.heartbeat.at("resume (all ranks agree on the checkpoint)")
         resumed = self.checkpointer.resume(self.dist.world_size)
         if resumed:
             st = self.state
@@ -155,7 +171,7 @@ class Trainer:
         cfg = self.cfg
         store = RunCheckpoints(self.run_dir, self.model, self.ema, self.optimizer, self.dist.is_main,
                                sharded=is_sharded(self.model), device=self.dist.device,
-                               keep_last_n=cfg.checkpoint.keep_last_n,
+                               keep_last_n=cfg.checkpoint.keep_last_n, group=self.dist.save_group,
                                export={fmt.CLASSES: self.classes, fmt.ARCH: cfg.model.name,
                                        fmt.IMG_SIZE: cfg.model.img_size})
         checkpointer = Checkpointer(cfg, store, self.weight_modules, self.dist.device, self.log)
@@ -174,6 +190,8 @@ class Trainer:
         return {"model": self.model, **({"ema": self.ema.module} if self.ema else {})}
 
     def save(self, best: bool = False, tag: str | None = None):
+        self.heartbeat.at(f"the checkpoint after global step {self.state.global_step} (the other ranks wait for "
+                          f"rank 0 up to checkpoint.timeout_s={self.cfg.checkpoint.timeout_s:g})")
         self.checkpointer.save(self.state.global_step, best=best, tag=tag)
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -245,9 +263,12 @@ class Trainer:
         self.meter.start_epoch()
         while st.step < self.steps_per_epoch:
             self.scheduler.step_update(st.global_step + 1)  # the official schedule: lr of update k is sched(k)
+            self.heartbeat.at(f"global step {st.global_step + 1} (epoch {st.epoch}; its forward, backward, gradient "
+                              f"all-reduce and verdict all-reduce)")
             out = self.train_step(batches)
             st.step += 1
             st.global_step += 1
+            self.heartbeat.step_finished(st.global_step)
             self.meter.step()
             if math.isfinite(out["loss"]):
                 st.epoch_loss_sum += out["loss"]
@@ -268,6 +289,7 @@ class Trainer:
         self.metrics.train_line(self.state, out, self.optimizer.param_groups[0]["lr"], self.steps_per_epoch)
 
     def validate(self) -> dict:
+        self.heartbeat.at(f"validation after epoch {self.state.epoch} (its all-reduces)")
         progress = (lambda it: tqdm(it, desc="val", leave=False, disable=not self.live))
         reduce_bn_stats(self.model)
         out = {f"val/{k}": v for k, v in evaluate(self.model, self.val_loader, self.val_aug, self.autocast,
@@ -280,8 +302,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
-        with self.log.failures():
-            return self.loop()
+        try:
+            with self.failures():
+                return self.loop()
+        finally:
+            self.watchdog.stop()
 
     def loop(self) -> dict:
         cfg, st = self.cfg, self.state
@@ -307,5 +332,6 @@ class Trainer:
                 break
         summary = self.metrics.finish(st, val, images, time.perf_counter() - t_start)
         if self.stopping:
+            self.heartbeat.at(f"the stop after global step {st.global_step} (every rank waits for rank 0's requeue)")
             raise self.stops.finish(self.stopping)  # every rank waits there until the checkpoint and requeue are done
         return summary
