@@ -1,4 +1,4 @@
-"""Process groups from torchrun's or SLURM's environment, and the DDP wrapper.
+"""Process groups from torchrun's or SLURM's environment, their timeouts, and the collectives the run uses.
 
 torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; under ``srun`` we read SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS and
 take MASTER_ADDR from the first node of the allocation. NCCL on CUDA, gloo on CPU. The environment is only read:

@@ -29,10 +29,6 @@ class FlopCount:
     def gmacs(self) -> float:
         return self.macs / 1e9
 
-    @property
-    def total_macs(self) -> int:
-        return self.macs + self.attention_macs + self.scan_macs
-
 
 def count_flops(model: nn.Module, resolution: int | tuple[int, int] = 224, batch_size: int = 1) -> FlopCount:
     """MACs of one forward pass at ``resolution`` (int or (H, W)), per batch of ``batch_size`` images."""

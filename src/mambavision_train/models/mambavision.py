@@ -238,7 +238,6 @@ class MambaVisionLayer(nn.Module):
                  scan_impl: str | None = None):
         super().__init__()
         dpr = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
-        self.conv = conv
         self.transformer_block = not conv
         if conv:
             self.blocks = nn.ModuleList([ConvBlock(dim, drop_path=dpr[i], layer_scale=layer_scale_conv) for i in range(depth)])
