@@ -31,7 +31,7 @@ import psutil
 from tqdm import tqdm
 
 from ..errors import ConversionError
-from . import FFCV_EXTRA, ffcv_installed
+from .loader import FFCV_EXTRA, ffcv_installed
 from .classes import scan_tree
 from .classes import write as write_classes
 from .images import BadImage, load_rgb
