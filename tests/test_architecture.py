@@ -85,5 +85,12 @@ def test_the_weights_loader_does_not_import_the_model_file():
 def test_the_leaves_import_nothing_of_the_package_when_imported():
     # config.register() reads the registered variant names when an entry point asks it to: not on import
     graph = imports(top_level_only=True)
-    for leaf in ("errors", "log", "files", "config"):
+    for leaf in ("errors", "log", "files", "config", "tables", "hub"):
         assert graph[f"mambavision_train.{leaf}"] <= {"mambavision_train.errors"}, (leaf, graph[f"mambavision_train.{leaf}"])
+
+
+def test_markdown_tables_are_written_by_one_module():
+    """Every table the package prints or writes goes through tables.py (seven hand-made ones before issue 21)."""
+    hand_made = [f"{p.relative_to(PKG)}:{n}" for p in PKG.rglob("*.py") if p.name != "tables.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if '"|---' in line or "'|---" in line]
+    assert hand_made == [], hand_made

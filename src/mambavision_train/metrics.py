@@ -10,6 +10,8 @@ import time
 import uuid
 from pathlib import Path
 
+from . import tables
+
 
 class MetricsLogger:
     def __init__(self, run_dir, cfg, enabled: bool, config: dict, run_id: str | None = None, name: str = "run",
@@ -186,6 +188,4 @@ def summary_table(s: dict) -> str:
             ("train images/s", s["img_per_s"]), ("epochs done", s["epochs"]), ("optimizer steps", s["global_step"]),
             ("skipped steps (non-finite loss)", s["skipped_steps"]), ("wall time, minutes", s["minutes"]),
             ("checkpoints", s["checkpoints"])]
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(["", "| summary" + " " * (width - 6) + "| value |", "|" + "-" * (width + 2) + "|-------|"] +
-                     [f"| {k:<{width}} | {fmt(v)} |" for k, v in rows])
+    return "\n" + tables.markdown(["summary", "value"], [(k, fmt(v)) for k, v in rows], aligned=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from . import tables
+
 # The settings that define what is trained (not where it is written, how often it is logged, or how it is read).
 RECIPE_KEYS = (
     "model.name", "model.img_size", "model.crop_pct", "model.drop_path_rate", "model.freeze",
@@ -98,7 +100,7 @@ def as_text(rows) -> str:
 
 
 def as_markdown(rows) -> str:
-    return "\n".join(["# Recipe", "", "| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]) + "\n"
+    return "# Recipe\n\n" + tables.markdown(["setting", "value"], rows) + "\n"
 
 
 def announce(cfg, run_dir: Path, out=print, **kwargs):

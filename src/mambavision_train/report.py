@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import curves, files
+from . import curves, files, tables
 from .errors import ReportError
 from .engine.eval_run import read_table
 from .metrics import duration
@@ -77,15 +77,12 @@ def best(b) -> str:
 
 
 def runs_markdown(summaries: list[dict], names: list[str]) -> list[str]:
-    lines = ["## Runs", "",
-             "| run | model | epochs | final top-1 | final top-1 EMA | best top-1 | best top-1 EMA | train time | "
-             "wall time | img/s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        lines.append(f"| {s['name']} | {s['model']} | {s['epochs']} | {fmt(s['final_base'])} | {fmt(s['final_ema'])} "
-                     f"| {best(s['best_base'])} | {best(s['best_ema'])} | "
-                     f"{'-' if s['train_s'] is None else duration(s['train_s'])} | "
-                     f"{'-' if s['wall_s'] is None else duration(s['wall_s'])} | {fmt(s['img_per_s'], '.1f')} |")
-    lines += ["", "Top-1 on the validation split during training (%), of the last epoch and the best one; train time "
+    head = ["run", "model", "epochs", "final top-1", "final top-1 EMA", "best top-1", "best top-1 EMA", "train time",
+            "wall time", "img/s"]
+    rows = [(s["name"], s["model"], s["epochs"], fmt(s["final_base"]), fmt(s["final_ema"]), best(s["best_base"]),
+             best(s["best_ema"]), "-" if s["train_s"] is None else duration(s["train_s"]),
+             "-" if s["wall_s"] is None else duration(s["wall_s"]), fmt(s["img_per_s"], ".1f")) for s in summaries]
+    lines = ["## Runs", "", *tables.markdown(head, rows).splitlines(), "", "Top-1 on the validation split during training (%), of the last epoch and the best one; train time "
               "adds up the epochs' training (validation excluded), wall time runs from the first to the last record "
               "(restarts and queueing included); img/s over the training time.", ""]
     if len(summaries) > 1:
@@ -132,11 +129,10 @@ def short(model: str) -> str:
 
 
 def eval_markdown(rows: list[dict]) -> list[str]:
-    lines = ["## Reproduction", "", "| model | weights | top-1 | paper top-1 | difference | top-5 | images |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['weights']} | {r['top1']:.2f} | {fmt(r['paper_top1'])} | "
-              f"{fmt(r['difference'], '+.2f')} | {r['top5']:.2f} | {r['count']} |" for r in rows]
-    return lines + ["", "Validation top-1 and top-5 (%) from eval.py; the paper's numbers are those of Hatamizadeh & "
+    head = ["model", "weights", "top-1", "paper top-1", "difference", "top-5", "images"]
+    body = [(r["model"], r["weights"], f"{r['top1']:.2f}", fmt(r["paper_top1"]), fmt(r["difference"], "+.2f"),
+             f"{r['top5']:.2f}", r["count"]) for r in rows]
+    return ["## Reproduction", "", *tables.markdown(head, body).splitlines(), "", "Validation top-1 and top-5 (%) from eval.py; the paper's numbers are those of Hatamizadeh & "
                         "Kautz (2024) and the official README (src/mambavision_train/models/paper.py), '-' where there "
                         "is none (another data set, or a variant they do not list).", "",
                     "![top-1 against the paper](reproduction.png)", ""]
@@ -161,8 +157,7 @@ def seed_groups(rows: list[dict]) -> dict:
 
 def seeds_markdown(groups: dict) -> list[str]:
     import statistics
-    lines = ["## Seeds", "", "| model | experiment | seeds | top-1 mean ± std | spread (max - min) | paper top-1 | "
-             "mean - paper | verdict |", "|---|---|---|---|---|---|---|---|"]
+    body = []
     for (model, experiment), rs in groups.items():
         top1 = [r["top1"] for r in rs]
         mean, std, paper = statistics.mean(top1), statistics.stdev(top1), rs[0]["paper_top1"]
@@ -171,9 +166,11 @@ def seeds_markdown(groups: dict) -> list[str]:
         else:
             diff = mean - paper
             verdict = "reproduced" if abs(diff) <= REPRODUCED_WITHIN else "above" if diff > 0 else "not reproduced"
-        lines.append(f"| {model} | {experiment} | {len(rs)} | {mean:.2f} ± {std:.2f} | {max(top1) - min(top1):.2f} | "
-                     f"{fmt(paper)} | {fmt(diff, '+.2f')} | {verdict} |")
-    return lines + ["", f"Reproduced: the mean over seeds within {REPRODUCED_WITHIN} points of the paper (docs/"
+        body.append((model, experiment, len(rs), f"{mean:.2f} ± {std:.2f}", f"{max(top1) - min(top1):.2f}", fmt(paper),
+                     fmt(diff, "+.2f"), verdict))
+    head = ["model", "experiment", "seeds", "top-1 mean ± std", "spread (max - min)", "paper top-1", "mean - paper",
+            "verdict"]
+    return ["## Seeds", "", *tables.markdown(head, body).splitlines(), "", f"Reproduced: the mean over seeds within {REPRODUCED_WITHIN} points of the paper (docs/"
                         f"reproduce.md says why); std is the sample standard deviation over the seeds.", ""]
 
 

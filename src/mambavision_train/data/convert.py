@@ -31,6 +31,7 @@ import psutil
 from tqdm import tqdm
 
 from ..errors import ConversionError
+from .. import tables
 from .loader import FFCV_EXTRA, ffcv_installed
 from .classes import scan_tree
 from .classes import write as write_classes
@@ -229,11 +230,10 @@ def convert(src, out, splits=("train", "val"), opts: ConvertOptions | None = Non
 
 
 def summary_table(results) -> str:
-    lines = ["| split | images | skipped | classes | size MB | minutes | img/s |", "|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['split']} | {r['images']:,} | {r['skipped']:,} | {len(r['classes'])} | {r['mb']:.1f} | "
-                     f"{r['seconds'] / 60:.1f} | {(r['images'] + r['skipped']) / max(r['seconds'], 1e-9):.0f} |")
-    return "\n".join(lines)
+    return tables.markdown(
+        ["split", "images", "skipped", "classes", "size MB", "minutes", "img/s"],
+        [(r["split"], f"{r['images']:,}", f"{r['skipped']:,}", len(r["classes"]), f"{r['mb']:.1f}",
+          f"{r['seconds'] / 60:.1f}", f"{(r['images'] + r['skipped']) / max(r['seconds'], 1e-9):.0f}") for r in results])
 
 
 def main(argv=None):

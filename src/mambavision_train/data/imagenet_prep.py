@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from ..log import say
+from .. import tables
 from ..errors import DataError
 
 SPLITS = ("train", "val")
@@ -201,9 +202,8 @@ def prepare(archives, out, splits=SPLITS, interval: float = 30.0) -> list[dict]:
 
 
 def summary_table(results) -> str:
-    lines = ["| split | classes | images | minutes |", "|---|---|---|---|"]
-    lines += [f"| {r['split']} | {r['classes']} | {r['images']:,} | {r['seconds'] / 60:.1f} |" for r in results]
-    return "\n".join(lines)
+    return tables.markdown(["split", "classes", "images", "minutes"],
+                           [(r["split"], r["classes"], f"{r['images']:,}", f"{r['seconds'] / 60:.1f}") for r in results])
 
 
 def main(argv=None):

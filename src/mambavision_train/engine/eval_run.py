@@ -10,6 +10,7 @@ from timm.models import get_pretrained_cfg
 from tqdm import tqdm
 
 from ..data import Shard, build_loader
+from .. import tables
 from ..distributed import env_world_size, init_distributed
 from ..models import is_in21k, load_pretrained, paper_row
 from ..models.pretrained import read_weights
@@ -20,7 +21,7 @@ from . import class_metrics
 from ..models.build import create_model, variant_data_args
 from .evaluate import evaluate
 
-TABLE_HEAD = "| model | weights | top-1 | top-5 | paper top-1 | difference | images |\n|---|---|---|---|---|---|---|\n"
+TABLE_HEAD = ["model", "weights", "top-1", "top-5", "paper top-1", "difference", "images"]
 
 
 def run_eval(cfg) -> dict:
@@ -95,8 +96,8 @@ def read_table(path: Path) -> list[dict]:
     """The rows of a table that ``append_row`` wrote, as the dicts it was given ("-" read back as None)."""
     rows = []
     for n, line in enumerate(path.read_text().splitlines()[2:], start=3):
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 7:
+        cells = tables.cells(line)
+        if len(cells) != len(TABLE_HEAD):
             continue
         number = lambda c: None if c == "-" else float(c)
         try:
@@ -117,12 +118,11 @@ def table_row(path: Path, model: str, source: str) -> dict | None:
 def append_row(path: Path, r: dict):
     paper = "-" if r["paper_top1"] is None else f"{r['paper_top1']:.2f}"
     diff = "-" if r["difference"] is None else f"{r['difference']:+.2f}"
-    row = (f"| {r['model']} | {r['weights']} | {r['top1']:.2f} | {r['top5']:.2f} | {paper} | {diff} | "
-           f"{r['count']} |\n")
+    row = tables.row([r["model"], r["weights"], f"{r['top1']:.2f}", f"{r['top5']:.2f}", paper, diff, r["count"]])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # array jobs may append at once
         f.seek(0)
         if not f.read():
-            f.write(TABLE_HEAD)
-        f.write(row)
+            f.write(tables.markdown(TABLE_HEAD, []) + "\n")
+        f.write(row + "\n")

@@ -12,6 +12,7 @@ import timm
 import torch
 
 from . import PAPER, count_flops
+from .. import tables
 
 HEAD = ["model", "res", "eval crop", "params (ours)", "params (paper)", "GMACs (ours)", "GMACs (paper)",
         "+attn GMACs", "+scan GMACs", "paper top-1", "weights (Hugging Face repo / file)",
@@ -43,8 +44,7 @@ def cells(r) -> list[str]:
 
 def markdown(table) -> str:
     head, *body = table
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-                      *("| " + " | ".join(row) + " |" for row in body)])
+    return tables.markdown(head, body)
 
 
 def text(table) -> str:
