@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DistKind, EvalConfig, TrainConfig
+from . import hub
 from .errors import ConfigError
 
 TORCH_FLOOR = "2.8"
@@ -150,8 +151,7 @@ def check_device(device: str, world_size: int = 1):
 def check_source(key: str, source: str | None):
     """A local path that is not there fails now, not after the model and the data are built."""
     from pathlib import Path
-    if source and not Path(source).expanduser().exists() and (source.startswith(("/", ".", "~"))
-                                                               or source.count("/") != 1):
+    if source and not Path(source).expanduser().exists() and hub.repo_id(source) is None:
         raise ConfigError(f"{key}={source} does not exist (a file, one of our run directories, or a Hugging Face "
                           f"repo id like nvidia/MambaVision-T-1K)")
 

@@ -20,6 +20,7 @@ from timm.models import clean_state_dict
 
 from ..checkpoint import format as fmt
 from ..checkpoint.format import is_training_checkpoint
+from .. import hub
 from ..errors import CheckpointError
 
 # What an official (timm CheckpointSaver) checkpoint pickles besides tensors and builtins: the argparse
@@ -117,8 +118,8 @@ def resolve_source(source: str | os.PathLike, filename: str | None = None) -> Pa
     src = str(source)
     if Path(src).expanduser().exists():
         return Path(src).expanduser()
-    repo_id = src[len("hf-hub:"):] if src.startswith("hf-hub:") else src
-    if src.startswith(("/", ".", "~")) or repo_id.count("/") != 1:
+    repo_id = hub.repo_id(src)
+    if repo_id is None:
         raise CheckpointError(f"checkpoint not found: {src} (give a file path or a Hugging Face repo id like "
                               "nvidia/MambaVision-T-1K)")
     from timm.models._hub import download_from_hf, hf_split
