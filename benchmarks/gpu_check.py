@@ -196,7 +196,7 @@ def end_to_end(device, limit):
     row("train.py experiment=demo, 1 epoch", scan, "bf16, aug=paper, folder loader",
         f"exit {res.returncode}, {ips[0] if ips else '?'} img/s", f"ok ({secs:.0f} s)" if res.returncode == 0 else "FAIL")
     ckpt = run_dir / "checkpoints" / "last.pth.tar"
-    res, secs = run([sys.executable, "eval.py", "model=mambavision_demo", "model.img_size=32", f"checkpoint={ckpt}",
+    res, secs = run([sys.executable, "eval.py", "model=mambavision_demo", "model.img_size=32", f"source={ckpt}",
                      "data=digits", "data.kind=folder", f"device={device}", "amp=bf16"], env, timeout=120)
     top1 = [ln for ln in (res.stdout + res.stderr).replace("\r", "\n").splitlines() if " top1 " in ln]
     row("eval.py on its checkpoint", "auto", "bf16, folder loader", top1[-1][-60:] if top1 else f"exit {res.returncode}",

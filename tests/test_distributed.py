@@ -72,7 +72,7 @@ def test_fsdp_trains_saves_resumes_exactly_and_exports(env, tmp_path, few_digits
     assert (whole / "checkpoints" / "best.dcp").is_dir() and (whole / "checkpoints" / "ema_best.pth").is_file()
     # eval.py names the sharded directory's way out in one line.
     res = run("eval.py", "model=mambavision_demo", "data=digits", "data.kind=folder",
-              f"checkpoint={whole / 'checkpoints' / 'last.dcp'}", env=env, check=False)
+              f"source={whole / 'checkpoints' / 'last.dcp'}", env=env, check=False)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "dcp_to_torch" in res.stderr
 
 

@@ -134,13 +134,13 @@ def test_eval_labels_folders_by_name_through_the_weights_class_map(env, finetune
     table = tmp_path / "table.md"
     args = ["model=mambavision_demo", "model.img_size=32", "data=imagenet_folder", "data.num_classes=5", *QUIET[:1]]
     res = run("eval.py", "-m", *args, f"table={table}", f"data.root={five_classes}",
-              f"checkpoint={run_dir},{run_dir / 'checkpoints' / 'ema_last.pth'}", env=env)
+              f"source={run_dir},{run_dir / 'checkpoints' / 'ema_last.pth'}", env=env)
     assert res.stdout.count("eval mambavision_demo top1") == 2
     rows = [ln for ln in table.read_text().splitlines() if ln.startswith("| mambavision_demo |")]
     assert len(rows) == 2
     full = {r["class"]: r for r in csv.DictReader(open(tmp_path / "table_mambavision_demo_run" / "per_class.csv"))}
     assert (tmp_path / "table_mambavision_demo_run_ema_last" / "per_class.csv").is_file()
-    run("eval.py", *args, f"data.root={tree}", f"checkpoint={run_dir}", f"out_dir={tmp_path / 'four_out'}", env=env)
+    run("eval.py", *args, f"data.root={tree}", f"source={run_dir}", f"out_dir={tmp_path / 'four_out'}", env=env)
     part = {r["class"]: r for r in csv.DictReader(open(tmp_path / "four_out" / "per_class.csv"))}
     assert part["two"]["images"] == "0" and part["two"]["accuracy"] == ""
     for name in ("zero", "one", "three", "four"):

@@ -118,5 +118,5 @@ def test_eval_py_compares_a_21k_checkpoint_with_the_21k_row(env, tmp_path):
               "batch_size=16"]
     for name, paper in (("mambavision_base_21k.pth.tar", 84.9), ("mambavision_base_1k.pth.tar", 84.2)):
         torch.save(state, tmp_path / name)
-        res = run("eval.py", *common, f"checkpoint={tmp_path / name}", env=env)
+        res = run("eval.py", *common, f"source={tmp_path / name}", env=env)
         assert re.search(rf"paper {paper:.2f} difference ", res.stdout), res.stdout

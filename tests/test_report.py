@@ -47,7 +47,7 @@ def table(env, tmp_path_factory):
         stdout=outs[1])
     run("train.py", *SMALL, "seed=7", "optim.lr=0.001", f"run_dir={second}", env=env)
     run("eval.py", "model=mambavision_demo", "model.img_size=32", "data=synthetic", "data.num_classes=10",
-        "data.num_samples=128", "batch_size=32", f"checkpoint={first / 'checkpoints' / 'ema_best.pth'}",
+        "data.num_samples=128", "batch_size=32", f"source={first / 'checkpoints' / 'ema_best.pth'}",
         "progress=false", f"table={root / 'table.md'}", env=env)
     # A row as eval.py writes it for official weights, to compare with the paper (no ImageNet here).
     paper = PAPER["mambavision_t"]["top1"]

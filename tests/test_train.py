@@ -73,6 +73,8 @@ BAD_REQUESTS = [  # (script, overrides, what the one line on stderr starts with)
     ("eval.py", ["weights=best"], "error: weights: Invalid value 'best'"),
     ("eval.py", ["batch_size=0"], "error: batch_size=0 is out of range"),
     ("eval.py", ["model=mambavision_q"], "error: model=mambavision_q does not exist"),
+    ("eval.py", ["checkpoint=best.pth.tar"], "error: checkpoint: renamed; use source= with the same value"),
+    ("eval.py", ["source=/nope/best.pth.tar"], "error: source=/nope/best.pth.tar does not exist (a file, one of our run"),
 ]
 
 
@@ -221,13 +223,13 @@ def test_eval_py_on_an_official_format_checkpoint(env, tmp_path):
     loader, aug = build_loader(DataConfig(kind="ffcv", root=str(root), num_classes=10, num_workers=2), None,
                                train=False, batch_size=128, res=32)
     want = evaluate(model, loader, aug)["top1"]
-    res = run("eval.py", "model=mambavision_demo", "data=digits", f"checkpoint={path}", "model.img_size=32",
+    res = run("eval.py", "model=mambavision_demo", "data=digits", f"source={path}", "model.img_size=32",
               "progress=false", f"table={tmp_path / 'table.md'}", env=env)
     got = float(re.search(r"top1 ([0-9.]+)", res.stdout).group(1))
     assert abs(got - want) < 1e-3, (got, want)
     assert "| mambavision_demo |" in (tmp_path / "table.md").read_text()
     # Run again, as a requeued multi-model evaluation would: the row is there, so it is neither redone nor repeated.
-    again = run_in_process("eval.py", "model=mambavision_demo", "data=digits", f"checkpoint={path}",
+    again = run_in_process("eval.py", "model=mambavision_demo", "data=digits", f"source={path}",
                            "model.img_size=32", "progress=false", f"table={tmp_path / 'table.md'}", env=env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"already in {tmp_path / 'table.md'} (top1 {got:.2f}), skipped" in again.stdout

@@ -44,6 +44,9 @@ def config_error(e: BaseException) -> str:
     cause = e if isinstance(e, OmegaConfBaseException) else e.__cause__
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and is_dataclass(cause.object_type):
+            new = getattr(cause.object_type, "renamed", {}).get(cause.full_key)
+            if new:
+                return f"{cause.full_key}: renamed; use {new}= with the same value"
             valid = ", ".join(f.name for f in fields(cause.object_type))
             return f"{cause.full_key}: no such key; {cause.object_type.__name__} has {valid}"
         return f"{cause.full_key}: {str(cause).splitlines()[0].rstrip('.')}"

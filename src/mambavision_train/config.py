@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional, Tuple
+from typing import ClassVar, Optional, Tuple
 
 from omegaconf import MISSING
 
@@ -260,9 +260,9 @@ class TrainConfig:
 class EvalConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
-    checkpoint: Optional[str] = None  # ours (.pth.tar: EMA), an exported state dict, an official .pth.tar, a
-    # model.safetensors or a Hugging Face repo id; null: the variant's official weights
-    weights: Weights = Weights.auto  # auto: EMA for our training checkpoints, 'state_dict' for official files
+    source: Optional[str] = None  # the weights: one of our run directories or checkpoints (EMA), an exported state
+    # dict, an official .pth.tar, a model.safetensors or a Hugging Face repo id; null: the variant's official weights
+    weights: Weights = Weights.auto  # auto: EMA for our training checkpoints, plain (the only weights) otherwise
     pretrain: Pretrain = Pretrain.auto  # which paper row: auto (21k when the weights' name says 21K, or the variant
     # exists only 21K-pretrained) | 1k | 21k
     batch_size: int = valid(128, lo=1)
@@ -275,6 +275,8 @@ class EvalConfig:
     out_dir: Optional[str] = None  # per_class.csv, confusion.csv/png; null: beside `table` (<table>_<model>_<weights>/)
     # when there is one, else not written (balanced accuracy is printed either way)
     progress: bool = True
+    # Keys that had another name, for the unknown-key line (train's checkpoint.* is a group of save settings)
+    renamed: ClassVar[dict] = {"checkpoint": "source"}
 
 
 def register():

@@ -251,4 +251,4 @@ def validate_train(cfg, world_size: int) -> int:
 
 
 def validate_eval(cfg, world_size: int = 1):
-    check_request(cfg, EvalConfig, world_size, "checkpoint")
+    check_request(cfg, EvalConfig, world_size, "source")

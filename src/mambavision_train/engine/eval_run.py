@@ -28,7 +28,7 @@ def run_eval(cfg) -> dict:
     data = check_eval(cfg, env_world_size())
     info = init_distributed(cfg.device)
     requeue_on_timeout_signal(info.is_main)
-    source = str(cfg.checkpoint or get_pretrained_cfg(cfg.model.name).hf_hub_id)
+    source = str(cfg.source or get_pretrained_cfg(cfg.model.name).hf_hub_id)
     if cfg.table:  # a requeued multi-model evaluation goes on where it stopped
         done = table_row(Path(cfg.table), cfg.model.name, source)
         if done is not None:
