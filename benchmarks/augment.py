@@ -6,7 +6,7 @@ Both run inside the same ``DeviceAugment`` (RandAugment rand-m9-mstd0.5-inc1, Mi
 erasing; colour jitter is off under RandAugment, as in timm); the previous ``randaugment.py`` is read from git at
 ``--previous`` (the last commit before the sync-free one) into a module at run time. On real photos (scikit-image's),
 batch 128 at 224 px and batch 64 at 32 px: time per batch (median of interleaved runs; CPU time on a CPU device,
-wall time on a GPU), the host syncs and aten ops per batch (``tests/syncs.py``: what would make a GPU's host wait,
+wall time on a GPU), the host syncs and aten ops per batch (``tests/helpers/syncs.py``: what would make a GPU's host wait,
 and about the kernels it would launch), and whether both give the same pixels for the same seeds.
 """
 
@@ -30,8 +30,8 @@ from mambavision_train.data.augment import AugConfig, DeviceAugment
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from imagetree import photo  # noqa: E402
-from syncs import host_syncs  # noqa: E402
+from helpers.imagetree import photo  # noqa: E402
+from helpers.syncs import host_syncs  # noqa: E402
 
 SHAPES = [(128, 224, 1), (64, 32, 4)]  # batch, px, repeats (x --repeats)
 
@@ -49,7 +49,7 @@ def previous_randaugment(commit: str) -> types.ModuleType:
 
 
 def photos(batch: int, res: int) -> torch.Tensor:
-    """Crops of scikit-image's photos resized to res (tests/imagetree.py): uint8 (batch, 3, res, res)."""
+    """Crops of scikit-image's photos resized to res (tests/helpers/imagetree.py): uint8 (batch, 3, res, res)."""
     return torch.stack([torch.from_numpy(np.array(photo(i, size=(res, res)))).permute(2, 0, 1) for i in range(batch)])
 
 

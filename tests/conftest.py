@@ -77,7 +77,7 @@ def shared_run(tmp_path_factory, env):
     """``shared_run(name, *overrides, nproc=1)``: the run directory of ``train.py *overrides`` (on ``nproc`` gloo
     ranks under torchrun, one thread each), trained once for the whole session (across xdist workers, under a lock)
     and read by every test that names it. A test that changes a run copies it first."""
-    from runs import run, torchrun
+    from helpers.runs import run, torchrun
     root = shared_dir(tmp_path_factory, "runs")
 
     def get(name: str, *overrides, nproc: int = 1) -> Path:
@@ -103,7 +103,7 @@ def shared_run(tmp_path_factory, env):
 def five_steps(shared_run):
     """A demo run stopped after 5 steps: last.pth.tar at step 5, previous.pth.tar at step 4, EMA weights exported.
     The base of the resume-fault tests (which go on with SHORT + max_steps=7) and the fine-tuning tests' source."""
-    from runs import SHORT
+    from helpers.runs import SHORT
     return shared_run("five_steps", *SHORT, "max_steps=5")
 
 

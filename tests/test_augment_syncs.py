@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from imagetree import photo
+from helpers.imagetree import photo
 from mambavision_train.data import randaugment as ra
 from mambavision_train.data.augment import AugConfig, DeviceAugment
-from syncs import host_syncs
+from helpers.syncs import host_syncs
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

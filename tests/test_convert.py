@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imagetree import jpeg_bytes, photo
+from helpers.imagetree import jpeg_bytes, photo
 from mambavision_train.data import convert as conv
 from mambavision_train.data.convert import ConversionError, ConvertOptions, convert
 from mambavision_train.data.images import BadImage, load_rgb

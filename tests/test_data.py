@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagetree import nasty_tree, photo
+from helpers.imagetree import nasty_tree, photo
 from mambavision_train.data import AugConfig, DataConfig, DataError, build_loader, check
 from mambavision_train.data.augment import DeviceAugment
 from mambavision_train.data.convert import ConversionError, ConvertOptions, convert, main as convert_main

@@ -175,7 +175,7 @@ def small_mask_rcnn(backbone, size: int, num_classes: int = 11) -> MaskRCNN:
 def test_torchvision_detectors_take_the_fpn_backbone():
     """One Mask R-CNN training step on two images of different sizes (finite losses, a gradient for every backbone
     parameter) and one eval forward; Faster R-CNN and RetinaNet take the same backbone."""
-    from digit_canvases import canvases
+    from helpers.digit_canvases import canvases
     torch.manual_seed(0)
     backbone = fpn_backbone("mambavision_demo", windows="cls", out_channels=32)
     assert backbone.out_channels == 32
@@ -208,7 +208,7 @@ def test_a_mask_rcnn_learns_digits_from_what_the_classification_backbone_carries
     backbone's ImageNet-style start), once the same model untrained; the detector's own layers start from the same
     draws. Measured (one core, two draws of the training canvases): box AP 0.28-0.33 from the classifier,
     0.17-0.18 from the random body, 0.000 untrained; ~55 s CPU in all."""
-    from digit_canvases import canvases, coco_ap, is_val
+    from helpers.digit_canvases import canvases, coco_ap, is_val
     started = time.process_time()
     torch.manual_seed(0)
     ckpt = tmp_path / "demo_digits.pth"

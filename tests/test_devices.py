@@ -64,7 +64,7 @@ def test_a_torch_below_the_floor_is_one_line_before_anything_else(env, monkeypat
     import tomllib
 
     from mambavision_train import preflight
-    from runs import ROOT, run_in_process
+    from helpers.runs import ROOT, run_in_process
     from torch.torch_version import TorchVersion
     floor = [d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
              if d.startswith("torch>")]

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import mambavision_train  # noqa: F401  (registers the models with timm)
-from runs import ONE_STEP, faults, assert_same, assert_same_run, final_state, run, torchrun
+from helpers.runs import ONE_STEP, faults, assert_same, assert_same_run, final_state, run, torchrun
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
@@ -81,9 +81,9 @@ def test_each_rank_draws_its_own_augmentation_and_drop_path_from_identical_weigh
     """2 gloo ranks, the paper augmentation: the same initial weights on both, then (seed + rank, as the official
     code) a Mixup/CutMix lambda and DropPath masks of their own in the same step."""
     import json
-    from runs import ROOT
+    from helpers.runs import ROOT
     out = tmp_path / "draws"
-    run(str(ROOT / "tests" / "rank_draws.py"), str(out), "experiment=demo", "aug=paper", "aug.hflip=0.0",
+    run(str(ROOT / "tests" / "helpers" / "rank_draws.py"), str(out), "experiment=demo", "aug=paper", "aug.hflip=0.0",
         "model.drop_path_rate=0.5", "batch_size=64", "micro_batch_size=32", "logger.mode=disabled",
         f"run_dir={tmp_path / 'run'}", env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")},
         prefix=torchrun(2))
@@ -157,10 +157,10 @@ def test_two_srun_style_processes_form_a_group_from_slurm_variables_alone(env):
 
 @pytest.fixture(scope="module")
 def fsdp_checks(tmp_path_factory):
-    """What 2 FSDP2 ranks see, from one start of 2 processes (tests/spawned.py). One image in a val set for the
+    """What 2 FSDP2 ranks see, from one start of 2 processes (tests/helpers/spawned.py). One image in a val set for the
     check of a rank without a validation batch."""
     from PIL import Image
-    from spawned import fsdp_checks, spawn
+    from helpers.spawned import fsdp_checks, spawn
     out = tmp_path_factory.mktemp("fsdp_checks")
     (out / "one" / "val" / "3").mkdir(parents=True)
     Image.new("RGB", (32, 32), (200, 10, 10)).save(out / "one" / "val" / "3" / "a.png")

@@ -1,5 +1,5 @@
 """When things go wrong: a NaN on one rank, a checkpoint that does not load, a full disk, a resume into another run.
-Faults are injected from the test side (tests/faults/sitecustomize.py), never by the package."""
+Faults are injected from the test side (tests/helpers/faults/sitecustomize.py), never by the package."""
 
 import math
 import shutil
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from runs import ONE_STEP, ROOT, SHORT, faults, final_state, run, torchrun
+from helpers.runs import ONE_STEP, ROOT, SHORT, faults, final_state, run, torchrun
 
 
 

@@ -13,7 +13,7 @@ import torch
 import mambavision_train  # noqa: F401  (registers the models with timm)
 from mambavision_train.models import CheckpointError, load_pretrained
 from mambavision_train.models.pretrained import init_from
-from runs import final_state, run, run_in_process
+from helpers.runs import final_state, run, run_in_process
 
 QUIET = ["progress=false", "logger.mode=disabled"]
 
@@ -156,7 +156,7 @@ def test_freeze_leaves_the_early_parts_untouched(part, trainable):
 @pytest.mark.parametrize("size", ["l2_512", "l3_256", "l3_512"])
 def test_fine_tune_experiments_follow_the_cited_recipe(size):
     from hydra import compose, initialize_config_dir
-    from runs import ROOT
+    from helpers.runs import ROOT
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment=finetune_mambavision_{size}", "init_from=nvidia/x"])
     assert cfg.model.name == f"mambavision_{size}" and cfg.run_name == f"finetune_mambavision_{size}"

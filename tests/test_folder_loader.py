@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from imagetree import nasty_tree
-from runs import ROOT, assert_same_run, faults, final_state, run, run_in_process
+from helpers.imagetree import nasty_tree
+from helpers.runs import ROOT, assert_same_run, faults, final_state, run, run_in_process
 from mambavision_train.data import AugConfig, DataConfig, DataError, build_loader, check
 
 NO_MIX = AugConfig(reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0)  # RandAugment and crops stay: CPU-side draws

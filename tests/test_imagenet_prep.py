@@ -22,7 +22,7 @@ from torchvision.datasets import imagenet as tv_imagenet
 
 from mambavision_train.data import DataConfig, DataError, check
 from mambavision_train.data import imagenet_prep as prep
-from runs import ROOT
+from helpers.runs import ROOT
 
 # The devkit's leaf synsets are the classes, numbered by ILSVRC2012_ID, and that numbering is not the sorted wnid
 # order that ImageFolder's labels follow (in the real devkit ID 1 is n02119789, kit fox). Internal synsets (IDs past

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import ROOT, final_state, run
+from helpers.runs import ROOT, final_state, run
 
 # The optional packages hidden: the ffcv extra's, and the export extra's (with onnxscript's onnx_ir).
 HIDDEN = ("ffcv", "numba", "onnx", "onnxscript", "onnx_ir", "onnxruntime")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import ROOT, final_state, run, run_in_process
+from helpers.runs import ROOT, final_state, run, run_in_process
 
 NAMES = ["zero", "one", "two", "three", "four"]
 QUIET = ["progress=false", "logger.mode=disabled"]

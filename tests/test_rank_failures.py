@@ -1,6 +1,6 @@
 """A rank, a loader worker or a data file lost under a running job: the run ends by itself with one line, and the
 launcher's restart resumes it to the same weights as an uninterrupted run (issue 24). On Slurm: tests/test_slurm.py.
-Faults are injected from the test side (tests/faults/sitecustomize.py)."""
+Faults are injected from the test side (tests/helpers/faults/sitecustomize.py)."""
 
 import random
 import re
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from runs import SHORT, assert_same, assert_same_run, faults, final_state, run, run_in_process, torchrun
+from helpers.runs import SHORT, assert_same, assert_same_run, faults, final_state, run, run_in_process, torchrun
 
 
 def rank0_line(stderr: str) -> str:

@@ -14,7 +14,7 @@ from mambavision_train import recipe
 from mambavision_train.data import AugConfig, DeviceAugment
 from mambavision_train.engine.ema import EMA
 from mambavision_train.models import is_in21k, paper_row
-from runs import ROOT, run
+from helpers.runs import ROOT, run
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

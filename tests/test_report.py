@@ -20,7 +20,7 @@ from mambavision_train.engine.eval_run import append_row
 from mambavision_train.metrics import Throughput
 from mambavision_train.models import PAPER
 from mambavision_train.report import main as report_main
-from runs import ROOT, run
+from helpers.runs import ROOT, run
 
 # The demo model on a small synthetic set (one random batch of 32, 4 times per epoch): 4 optimizer steps and 4
 # validation batches per epoch, every step logged, 2 epochs.

@@ -9,7 +9,7 @@ import torch
 
 from mambavision_train.ops.selective_scan import ENV_VAR, available_impls, resolve_impl, selective_scan
 from mambavision_train.ops.selective_scan.torch_scan import linear_scan, linear_scan_reverse, _chunking
-from scan_reference import grads, make_inputs, naive_scan, rel_err
+from helpers.scan_reference import grads, make_inputs, naive_scan, rel_err
 
 VARIANTS = [(True, True, True), (False, False, False), (False, True, True), (True, False, False)]
 SHAPES = [(2, 6, 1, 4), (2, 6, 13, 4), (2, 8, 49, 8), (1, 4, 196, 8), (2, 3, 50, 2)]

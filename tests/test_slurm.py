@@ -1,4 +1,4 @@
-"""The slurm/ scripts and the trainer's preemption handling on a real Slurm cluster (tests/slurm_cluster.py):
+"""The slurm/ scripts and the trainer's preemption handling on a real Slurm cluster (tests/helpers/slurm_cluster.py):
 an array job over two demo trainings, requeue and real preemption resuming to identical weights, cancellation
 staying cancelled, a Hydra multirun through submitit (one element requeued through submitit), two-node DDP
 requeued and resumed; a killed task requeueing the job (to identical weights) up to MAX_FAILURES times, a run that
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from runs import DEMO, ONE_STEP, ROOT, assert_same_run, faults, final_state, run, torchrun
-from slurm_cluster import LocalSlurm
+from helpers.runs import DEMO, ONE_STEP, ROOT, assert_same_run, faults, final_state, run, torchrun
+from helpers.slurm_cluster import LocalSlurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # on one xdist worker: tests/conftest.py ONE_WORKER
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from runs import ONE_STEP, ROOT, assert_same, assert_same_run, faults, final_state, run, run_in_process
+from helpers.runs import ONE_STEP, ROOT, assert_same, assert_same_run, faults, final_state, run, run_in_process
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
@@ -301,9 +301,9 @@ def test_deterministic_mode_runs_and_changes_nothing_on_the_cpu(env, tmp_path, s
 def test_a_training_step_waits_for_the_device_once(env, tmp_path, monkeypatch):
     """What would make the host wait for a GPU, counted over optimizer steps of the paper's recipe (augmentation on
     the device, MESA, gradient accumulation): one read-back per step, which carries the finiteness verdict, the stop
-    request, the loss and the gradient norm (tests/syncs.py says what counts)."""
+    request, the loss and the gradient norm (tests/helpers/syncs.py says what counts)."""
     from mambavision_train.engine.trainer import Trainer
-    from syncs import host_syncs
+    from helpers.syncs import host_syncs
     monkeypatch.setenv("MAMBAVISION_CACHE", env["MAMBAVISION_CACHE"])
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo", "data.kind=folder", "aug=paper", "batch_size=32",

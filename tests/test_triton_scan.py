@@ -10,8 +10,8 @@ import timm
 import torch
 
 from mambavision_train.ops.selective_scan import resolve_impl, selective_scan
-from scan_reference import grads, make_inputs, naive_scan, rel_err
-from runs import ROOT
+from helpers.scan_reference import grads, make_inputs, naive_scan, rel_err
+from helpers.runs import ROOT
 
 pytest.importorskip("triton", reason="Triton ships with every CUDA build of torch and with our dev install")
 from mambavision_train.ops.selective_scan import triton_scan  # noqa: E402

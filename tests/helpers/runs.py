@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The demo on the digits through the folder loader, for runs that check what does not depend on the loader: a
 # process that imports FFCV first spends ~6 s compiling its numba code (tests/test_data.py and the runs that need
@@ -26,9 +26,9 @@ SHORT = [*DEMO, "batch_size=32", "micro_batch_size=32", "checkpoint.every_n_step
 
 
 def faults(env: dict, **faults) -> dict:
-    """``env`` with test-side fault injection (tests/faults/sitecustomize.py): faults(env, KILL_AT_STEP=4) sets
+    """``env`` with test-side fault injection (tests/helpers/faults/sitecustomize.py): faults(env, KILL_AT_STEP=4) sets
     MV_FAULT_KILL_AT_STEP=4 and puts the injector on PYTHONPATH."""
-    path = os.pathsep.join(p for p in (str(ROOT / "tests" / "faults"), env.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (str(ROOT / "tests" / "helpers" / "faults"), env.get("PYTHONPATH")) if p)
     return {**env, "PYTHONPATH": path, **{f"MV_FAULT_{k}": str(v) for k, v in faults.items()}}
 
 

@@ -13,7 +13,7 @@ from timm.layers import DropPath
 from mambavision_train.config import register
 from mambavision_train.distributed import cleanup
 from mambavision_train.engine.trainer import Trainer
-from runs import ROOT
+from helpers.runs import ROOT
 
 
 def main(out: str, overrides: list[str]):

@@ -1,5 +1,5 @@
-"""Fault injection for the tests. Python imports this module at start-up when tests/faults is on PYTHONPATH (the
-tests put it there with `faults(...)` from tests/runs.py); the package knows nothing about it.
+"""Fault injection for the tests. Python imports this module at start-up when tests/helpers/faults is on PYTHONPATH (the
+tests put it there with `faults(...)` from tests/helpers/runs.py); the package knows nothing about it.
 
 Each fault is an environment variable:
   MV_FAULT_KILL_AT_STEP=N        every rank SIGKILLs itself right after the checkpoint written at global step N
