@@ -22,7 +22,7 @@ import torch
 import mambavision_train  # noqa: F401
 from common import interleaved, machine
 from mambavision_train.export.__main__ import main as export_main
-from mambavision_train.export.source import load_source
+from mambavision_train.models.loading import load_source
 
 
 def main():
@@ -36,7 +36,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = load_source(args.model).model
+    model = load_source(args.model, official_weights=False).model  # random weights: nothing to download
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pth"
         torch.save(model.state_dict(), weights)
