@@ -194,6 +194,29 @@ def test_curves_keep_the_last_record_of_a_repeated_step_or_epoch(tmp_path):
         assert png.size == curves.CURVES_PX
 
 
+def test_curves_png_is_redrawn_where_it_costs_little_and_always_at_the_end(tmp_path):
+    """metrics.csv at every epoch's end; curves.png (about a second of matplotlib while the other ranks wait) once the
+    training since its last drawing took CURVES_EVERY times that drawing, and always when the run ends."""
+    from mambavision_train.metrics import CURVES_EVERY, RunMetrics
+    record = lambda e: {"step": e + 1, "time": e, "train/epoch": e, "val/top1": 10.0 * e, "val/loss": 1.0,
+                        "train/epoch_loss": 2.0, "train/lr": 0.1, "train/epoch_time_s": 3.0}
+    jsonl, png = tmp_path / "metrics.jsonl", tmp_path / "curves.png"
+    m = RunMetrics(tmp_path, logger=None, meter=None, log=print, is_main=True, live=False)
+    jsonl.write_text(json.dumps(record(0)) + "\n")
+    m.summarize(1)  # an epoch of under CURVES_EVERY x the assumed second: the table, not the figure
+    assert len(list(csv.DictReader(open(tmp_path / "metrics.csv")))) == 1 and not png.exists()
+    m.summarize(1, final=True)
+    assert png.exists() and m.draw_s > 0
+    drawn = png.stat().st_mtime_ns
+    jsonl.write_text(jsonl.read_text() + json.dumps(record(1)) + "\n")
+    m.drawn_time = time.monotonic() - (CURVES_EVERY - 1) * m.draw_s  # not long enough since that drawing
+    m.summarize(2)
+    assert png.stat().st_mtime_ns == drawn and len(list(csv.DictReader(open(tmp_path / "metrics.csv")))) == 2
+    m.drawn_time = time.monotonic() - (CURVES_EVERY + 1) * m.draw_s
+    m.summarize(3)
+    assert png.stat().st_mtime_ns != drawn
+
+
 def test_runs_go_under_run_root_or_mambavision_runs(monkeypatch):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         monkeypatch.delenv("MAMBAVISION_RUNS", raising=False)

@@ -69,6 +69,8 @@ BAD_REQUESTS = [  # (script, overrides, what the one line on stderr starts with)
     ("train.py", ["experiment=demo", "optim.lr=???"], "error: optim.lr must be set (e.g. optim.lr=...)"),
     ("train.py", ["data.root=/nope"], "error: data.root=/nope does not exist; prepare ImageNet with"),
     ("train.py", [], "error: data.root is not set"),
+    ("train.py", ["experiment=demo", "data.kind=folder", "batch_size=4096"], "error: one optimizer step needs 4096 "
+                                                                           "images per epoch but this rank has"),
     ("eval.py", ["pretrain=22k"], "error: pretrain: Invalid value '22k', expected one of [auto, 1k, 21k]"),
     ("eval.py", ["weights=best"], "error: weights: Invalid value 'best'"),
     ("eval.py", ["batch_size=0"], "error: batch_size=0 is out of range"),

@@ -124,6 +124,9 @@ def duration(seconds: float) -> str:
     return (f"{days}d " if days else "") + f"{h:02d}:{rest // 60:02d}:{rest % 60:02d}"
 
 
+CURVES_EVERY = 20  # curves.png is redrawn after at least this many times its last drawing's duration
+
+
 class RunMetrics:
     """What a run reports, on rank 0: the periodic training line (train.log, and the console where no progress bar
     shows it), each epoch's row of metrics.jsonl (metrics.csv and curves.png are derived from it), and the summary at
@@ -132,7 +135,10 @@ class RunMetrics:
     def __init__(self, run_dir: Path, logger: MetricsLogger, meter: Throughput, log, is_main: bool, live: bool):
         self.run_dir, self.logger, self.meter, self.log, self.is_main, self.live = (run_dir, logger, meter, log,
                                                                                     is_main, live)
-        self.summarized_at = None  # the global step metrics.csv and curves.png were last written at
+        self.summarized_at = None  # the global step metrics.csv was last written at
+        self.drawn_at = None  # ... and curves.png
+        # When curves.png was last drawn and how long that took; before the first drawing, a second is assumed
+        self.drawn_time, self.draw_s = time.monotonic(), 1.0
 
     def train_line(self, st, out: dict, lr: float, steps_per_epoch: int):
         speed = self.meter.report()
@@ -161,16 +167,27 @@ class RunMetrics:
                          "train/epoch_data_wait_frac": speed["data_wait_frac"]}, st.global_step)
         self.summarize(st.global_step)
 
-    def summarize(self, global_step: int):
-        """metrics.csv and curves.png from what metrics.jsonl holds now (at most once per step)."""
+    def summarize(self, global_step: int, final: bool = False):
+        """metrics.csv from what metrics.jsonl holds now, and curves.png at the end and wherever it costs little (at
+        most once per step each)."""
         from . import rundir
-        if self.is_main and self.summarized_at != global_step:
-            rundir.update(self.run_dir, self.log)
+        if not self.is_main:
+            return
+        if self.summarized_at != global_step:
+            rundir.write_csv_from_log(self.run_dir)
             self.summarized_at = global_step
+        # matplotlib takes ~1 s to lay out and draw the figure (up to 4 s for a 300-epoch log on a loaded node) while
+        # the other ranks wait at the checkpoint: redrawn once the training since the last drawing took 20 times
+        # that (under 5% of the run; every epoch of an ImageNet run, once or twice in a demo's).
+        due = time.monotonic() - self.drawn_time >= CURVES_EVERY * self.draw_s
+        if self.drawn_at != global_step and (final or due):
+            t0 = time.monotonic()
+            rundir.draw_curves(self.run_dir, self.log)
+            self.drawn_at, self.drawn_time, self.draw_s = global_step, time.monotonic(), time.monotonic() - t0
 
     def finish(self, st, val: dict, images: int, elapsed: float) -> dict:
         """The summary: in W&B, and as a table at the end of train.log. Returns it."""
-        self.summarize(st.global_step)
+        self.summarize(st.global_step, final=True)
         summary = {"base_top1": val.get("val/top1"), "ema_top1": val.get("val_ema/top1"),
                    "best_top1": st.best_top1, "best_epoch": st.best_epoch, "img_per_s": images / max(elapsed, 1e-9),
                    "epochs": st.epoch, "global_step": st.global_step, "skipped_steps": st.skipped_steps,

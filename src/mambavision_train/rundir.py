@@ -4,8 +4,10 @@ run leaves behind"):
 - ``config.yaml`` and ``overrides.txt``: the resolved config and the command-line overrides of the latest start (each
   checkpoint keeps the config it was written with);
 - ``train.log``: every line rank 0 prints, appended across restarts, each start under a header line;
-- ``metrics.csv`` and ``curves.png``: rewritten from metrics.jsonl at every epoch's end (curves.py). Deriving them
-  from the log of record, rather than appending, is what keeps one row per epoch when a resumed run repeats steps.
+- ``metrics.csv`` and ``curves.png``: rewritten from metrics.jsonl (curves.py), the table at every epoch's end, the
+  figure at the end and at epochs' ends where drawing it costs under 5% (metrics.RunMetrics.summarize). Deriving
+  them from the log of record, rather than appending, is what keeps one row per epoch when a resumed run repeats
+  steps.
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ def write_csv(rows: list[dict], path: Path):
         writer.writerows({k: cell(k, v) for k, v in row.items()} for row in rows)
 
 
-def update(run_dir: Path, log: RunLog):
-    """metrics.csv and curves.png from metrics.jsonl. A figure that fails to draw costs a warning, not the run."""
+def write_csv_from_log(run_dir: Path):
+    """metrics.csv from metrics.jsonl."""
+    write_csv(curves.epoch_rows(curves.read_records(run_dir / "metrics.jsonl")), run_dir / "metrics.csv")
+
+
+def draw_curves(run_dir: Path, log: RunLog):
+    """curves.png from metrics.jsonl. A figure that fails to draw costs a warning, not the run."""
     records = curves.read_records(run_dir / "metrics.jsonl")
-    write_csv(curves.epoch_rows(records), run_dir / "metrics.csv")
     try:
         curves.draw(curves.series(records), run_dir / "curves.png", title=run_dir.name)
     except Exception as e:  # noqa: BLE001  (matplotlib's errors have no common base)
