@@ -21,7 +21,7 @@ test-fast: setup  ## everything but the slow tests
 	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 bench: setup  ## CPU benchmarks; results go in docs/benchmarks.md
-	cd benchmarks && ../$(PY) scan.py && ../$(PY) model_step.py && ../$(PY) data_pipeline.py && ../$(PY) augment.py && ../$(PY) throughput.py --model mambavision_demo --res 64 --batch 16 --amp fp32 --warmup 5 --iters 20 && ../$(PY) export.py --threads 1
+	cd benchmarks && ../$(PY) scan.py && ../$(PY) model_step.py && ../$(PY) data_pipeline.py && ../$(PY) augment.py && ../$(PY) throughput.py --model mambavision_demo --res 64 --batch 16 --amp fp32 --warmup 5 --iters 20 && ../$(PY) export.py --threads 1 && ../$(PY) trainer_overhead.py --epochs 8 --repeats 5
 
 clean:
 	rm -rf .venv .pytest_cache
