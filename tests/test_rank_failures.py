@@ -64,10 +64,14 @@ def test_a_hung_rank_then_a_killed_one_end_the_job_by_themselves_and_it_resumes_
     line = rank0_line(res.stderr)
     assert line.startswith("error: rank 0 lost a peer rank in global step 6 (epoch 1; "), line
     assert float(re.search(r" after (\d+) s \(dist.timeout_s=20\)", line).group(1)) >= 20, line
+    # the stall is reported once; on a loaded machine a 4 s bound may also catch an earlier quiet spell of its own
+    # (the first validation's FFCV compilation), reported once as well
     stacks = (d / "watchdog" / "rank1.log").read_text()
-    assert stacks.count("watchdog: rank 1: nothing finished for ") == 1, stacks
-    assert "in the end of global step 5 (its log line and checkpoint)" in stacks, stacks
-    assert "in stalled_rank" in stacks and "mambavision-watchdog" not in stacks.split("\n")[0], stacks
+    reports = re.split(r"^(?=\S+ watchdog: rank 1: nothing finished for )", stacks, flags=re.M)[1:]
+    phases = [re.search(r"nothing finished for \d+ s in (.+) \(bound 4 s\)", r).group(1) for r in reports]
+    assert len(phases) == len(set(phases)), phases
+    [stall] = [r for r in reports if " in the end of global step 5 (its log line and checkpoint) " in r]
+    assert "in stalled_rank" in stall and "mambavision-watchdog" not in stall.split("\n")[0], stall
     assert f"every thread's stack written to {d / 'watchdog' / 'rank1.log'}" in res.stderr
     assert "resume from the last checkpoint" in line and final_state(d)["state"]["global_step"] == 4
 
