@@ -5,8 +5,9 @@ optimizer, schedule, EMA and validation, side by side in one process.
 
 Both run the demo (MambaVision-demo at 32 px on the bundled digits, aug=light, AdamW, EMA, validation of the base
 and the EMA weights every epoch) from the same seed on the same loader. The bare loop is what a nanoGPT-style script
-would do: no checkpoints, meters, logs, metrics files or curves. The difference is the trainer's overhead: the
-exactness machinery (verdicts, RNG states), checkpoints every epoch, metrics.jsonl/csv, curves.png, log lines.
+would do: no checkpoints, meters, logs, metrics files or curves; a second bare loop adds timm's per-epoch
+torch.save. The difference is the trainer's overhead: the exactness machinery (verdicts, RNG states), durable
+checkpoints every epoch, metrics.jsonl/csv, curves.png, log lines.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def trainer(cfg) -> float:
     return time.perf_counter() - t0
 
 
-def bare(cfg) -> float:
-    """The demo's training written out plainly with the package's own parts."""
+def bare(cfg, saves: bool = False) -> float:
+    """The demo's training written out plainly with the package's own parts. ``saves``: and, as timm's train.py
+    does, a ``torch.save`` of the model, EMA and optimizer after every epoch (the trainer checkpoints every epoch
+    in the demo too; what it adds beyond that is its durability: fsyncs, the previous file kept, EMA exports)."""
     from mambavision_train.config import AugConfig, DataConfig, typed
     from mambavision_train.data import build_loader
     from mambavision_train.engine.ema import EMA
@@ -82,6 +85,9 @@ def bare(cfg) -> float:
             ema.update(model)
         evaluate(model, val, val_aug)
         evaluate(ema.module, val, val_aug)
+        if saves:
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                        "epoch": epoch}, Path(cfg.run_dir) / "last.pth.tar")
     return time.perf_counter() - t0
 
 
@@ -92,20 +98,23 @@ def main():
     ap.add_argument("--kind", default="folder", choices=["folder", "ffcv"])
     args = ap.parse_args()
     print(f"# trainer overhead: demo, {args.epochs} epochs, data.kind={args.kind}; {machine()}", flush=True)
-    times = {"bare loop": [], "Trainer.fit()": []}
     bare(demo_config(tempfile.mkdtemp(), 1, args.kind))  # warm-up: the digits built, caches filled
-    for _ in range(args.repeats):
-        times["bare loop"].append(bare(demo_config(tempfile.mkdtemp(), args.epochs, args.kind)))
-        times["Trainer.fit()"].append(trainer(demo_config(tempfile.mkdtemp(), args.epochs, args.kind)))
+    runs = {"bare loop": bare, "bare loop + torch.save": lambda cfg: bare(cfg, saves=True), "Trainer.fit()": trainer}
+    times = {name: [] for name in runs}
+    for i in range(args.repeats):
+        # each round in the other order from the last: a machine getting slower or faster favours no side
+        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+            times[name].append(runs[name](demo_config(tempfile.mkdtemp(), args.epochs, args.kind)))
         print({k: [round(t, 2) for t in v] for k, v in times.items()}, flush=True)
     base = statistics.median(times["bare loop"])
     print("\n| run | s (median) | vs bare loop |\n|---|---|---|")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.2f} | {statistics.median(ts) / base:.3f}x |")
-    # Each pair ran back to back: on a shared machine their ratio is steadier than the ratio of the medians
-    pairs = [t / b for b, t in zip(times["bare loop"], times["Trainer.fit()"])]
-    print(f"\nTrainer.fit() / bare loop, pair by pair: {', '.join(f'{r:.2f}' for r in pairs)} "
-          f"(median {statistics.median(pairs):.2f}x)")
+    # Each round ran back to back: on a shared machine its ratios are steadier than the ratio of the medians
+    for ref in ("bare loop", "bare loop + torch.save"):
+        pairs = [t / b for b, t in zip(times[ref], times["Trainer.fit()"])]
+        print(f"Trainer.fit() / {ref}, round by round: {', '.join(f'{r:.2f}' for r in pairs)} "
+              f"(median {statistics.median(pairs):.2f}x)")
 
 
 if __name__ == "__main__":
