@@ -319,3 +319,31 @@ def test_evaluation_that_sees_no_image_is_an_error_not_a_zero():
     device_aug = DeviceAugment(NO_AUG, 10, MEAN, STD, "cpu", train=False)
     with pytest.raises(DataError, match="evaluation saw no image"):
         evaluate(model, loader, device_aug)
+
+
+def test_evaluation_reports_the_top_k_it_is_asked_for_as_counted_by_hand():
+    """eval.topk: the share of images whose label is among the k highest logits, beside top-1 and top-5 (for k=1, 3,
+    5 and 7 on a random model over 10 classes, 160 images: each k a different share, so a wrong k would show)."""
+    from mambavision_train.data.synthetic import SyntheticLoader
+    from mambavision_train.engine.evaluate import evaluate
+
+    torch.manual_seed(0)
+    loader = SyntheticLoader(batch_size=16, res=16, num_classes=10, num_samples=160, train=False)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    model.num_classes = 10
+    device_aug = DeviceAugment(NO_AUG, 10, MEAN, STD, "cpu", train=False)
+    ranks = []
+    with torch.no_grad():
+        for images, labels in loader:
+            x, y = device_aug(images, labels)
+            logits = model(x)
+            ranks += (logits > logits.gather(1, y[:, None])).sum(1).tolist()  # classes scored above the label
+    for k in (1, 3, 5, 7):
+        out = evaluate(model, loader, device_aug, topk=k, confusion=True)
+        by_hand = 100.0 * sum(r < k for r in ranks) / len(ranks)
+        assert out[f"top{k}"] == pytest.approx(by_hand) and out["count"] == len(ranks) == 160, (k, out)
+        assert out["top1"] == pytest.approx(100.0 * sum(r < 1 for r in ranks) / 160)
+        assert out["top5"] == pytest.approx(100.0 * sum(r < 5 for r in ranks) / 160)
+        assert int(out["confusion"].sum()) == 160
+    shares = [sum(r < k for r in ranks) for k in (1, 3, 5, 7)]
+    assert len(set(shares)) == 4 and shares[-1] < 160, shares  # each k its own answer

@@ -140,7 +140,11 @@ def test_eval_labels_folders_by_name_through_the_weights_class_map(env, finetune
     assert len(rows) == 2
     full = {r["class"]: r for r in csv.DictReader(open(tmp_path / "table_mambavision_demo_run" / "per_class.csv"))}
     assert (tmp_path / "table_mambavision_demo_run_ema_last" / "per_class.csv").is_file()
-    run("eval.py", *args, f"data.root={tree}", f"source={run_dir}", f"out_dir={tmp_path / 'four_out'}", env=env)
+    res = run("eval.py", *args, f"data.root={tree}", f"source={run_dir}", f"out_dir={tmp_path / 'four_out'}", "topk=3",
+              env=env)
+    top1, top5, top3 = map(float, re.search(r"^eval mambavision_demo top1 (\S+) top5 (\S+) top3 (\S+) balanced ",
+                                            res.stdout, re.M).groups())
+    assert top1 <= top3 <= top5, (top1, top3, top5)
     part = {r["class"]: r for r in csv.DictReader(open(tmp_path / "four_out" / "per_class.csv"))}
     assert part["two"]["images"] == "0" and part["two"]["accuracy"] == ""
     for name in ("zero", "one", "three", "four"):
@@ -163,6 +167,15 @@ def test_predict_names_classes_skips_unreadable_images_and_refuses_bad_requests(
     n = len(list((five_classes / "val" / "one").iterdir()))
     assert len(out) == n and all(len(r["top"]) == 2 for r in out) and f"({1} unreadable, skipped)" in res.stdout
     assert sum(r["top"][0]["class"] == "one" for r in out) > n * 0.7
+    alone = tmp_path / "elsewhere" / "weights.pth"  # an exported EMA file away from its run: it names model and classes
+    alone.parent.mkdir()
+    shutil.copy(run_dir / "checkpoints" / "ema_last.pth", alone)
+    res = predict(str(alone), str(photos / "a"), "--topk", "3", "--out", str(tmp_path / "p.csv"), "--workers", "1",
+                  env=env)
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == n and "class_3" in rows[0] and "class_4" not in rows[0], rows[0]
+    assert sum(r["class_1"] == "one" for r in rows) > n * 0.7
     from mambavision_train.predict import main
     for args, message in [((str(tmp_path / "nope"), str(photos)), "error: "),
                           (("mambavision_xl", str(photos)), "error: unknown model 'mambavision_xl'; choose one of"),
