@@ -1,18 +1,22 @@
 """What the trainer costs beyond the training itself: ``Trainer.fit()`` against a bare loop of the same model, data,
 optimizer, schedule, EMA and validation, side by side in one process.
 
-    python benchmarks/trainer_overhead.py [--epochs 3] [--repeats 2] [--kind folder|ffcv]
+    python benchmarks/trainer_overhead.py [--epochs 3] [--repeats 2] [--kind folder|ffcv] [--profile]
 
 Both run the demo (MambaVision-demo at 32 px on the bundled digits, aug=light, AdamW, EMA, validation of the base
 and the EMA weights every epoch) from the same seed on the same loader. The bare loop is what a nanoGPT-style script
 would do: no checkpoints, meters, logs, metrics files or curves; a second bare loop adds timm's per-epoch
 torch.save. The difference is the trainer's overhead: the exactness machinery (verdicts, RNG states), durable
-checkpoints every epoch, metrics.jsonl/csv, curves.png, log lines.
+checkpoints every epoch, metrics.jsonl/csv, curves.png, log lines. ``--profile``: one ``fit()`` under cProfile
+instead, the trainer's parts that cost most.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import pstats
 import statistics
 import tempfile
 import time
@@ -38,11 +42,12 @@ def demo_config(run_dir, epochs: int, kind: str):
                                           "logger.mode=disabled", "progress=false", f"run_dir={run_dir}"])
 
 
-def trainer(cfg) -> float:
+def trainer(cfg, profile: cProfile.Profile | None = None) -> float:
     from mambavision_train.engine.trainer import Trainer
     t = Trainer(cfg)  # building (data check, model, loaders) is not timed: the bare loop's building is not either
     t0 = time.perf_counter()
-    t.fit()
+    with profile or contextlib.nullcontext():
+        t.fit()
     return time.perf_counter() - t0
 
 
@@ -96,9 +101,16 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--kind", default="folder", choices=["folder", "ffcv"])
+    ap.add_argument("--profile", action="store_true", help="one Trainer.fit() under cProfile: where its time goes")
     args = ap.parse_args()
     print(f"# trainer overhead: demo, {args.epochs} epochs, data.kind={args.kind}; {machine()}", flush=True)
     bare(demo_config(tempfile.mkdtemp(), 1, args.kind))  # warm-up: the digits built, caches filled
+    if args.profile:
+        profile = cProfile.Profile()
+        took = trainer(demo_config(tempfile.mkdtemp(), args.epochs, args.kind), profile)
+        print(f"fit() under the profiler: {took:.1f} s")
+        pstats.Stats(profile).sort_stats("cumulative").print_stats("mambavision_train", 30)
+        return
     runs = {"bare loop": bare, "bare loop + torch.save": lambda cfg: bare(cfg, saves=True), "Trainer.fit()": trainer}
     times = {name: [] for name in runs}
     for i in range(args.repeats):
