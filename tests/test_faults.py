@@ -152,6 +152,22 @@ def test_resume_on_another_world_size_is_refused_or_announced(env, tmp_path, fiv
     assert final_state(d)["state"]["global_step"] == 7 and final_state(d)["world_size"] == 2
 
 
+@pytest.mark.parametrize("links", [True, False])
+def test_best_is_a_second_name_of_last_that_outlives_the_next_save(tmp_path, monkeypatch, links):
+    """best is a hard link to the last it was (a copy where os.link fails); the next save puts a new file under last
+    and previous, and best keeps its bytes."""
+    from mambavision_train import files
+    if not links:
+        monkeypatch.setattr(files.os, "link", lambda *a: (_ for _ in ()).throw(OSError(95, "Operation not supported")))
+    last, prev, best = (tmp_path / n for n in ("last.pth.tar", "previous.pth.tar", "best.pth.tar"))
+    files.save_torch({"step": torch.tensor(1)}, last, previous=prev)
+    files.duplicate(last, best)
+    assert (best.stat().st_ino == last.stat().st_ino) == links and last.stat().st_nlink == (2 if links else 1)
+    files.save_torch({"step": torch.tensor(2)}, last, previous=prev)
+    assert [int(torch.load(p, weights_only=True)["step"]) for p in (last, prev, best)] == [2, 1, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth.tar", "last.pth.tar", "previous.pth.tar"]
+
+
 def test_an_experiment_with_another_model_gets_its_own_run_dir(monkeypatch):
     from hydra import compose, initialize_config_dir
     monkeypatch.delenv("MAMBAVISION_RUNS", raising=False)  # the default root, runs/

@@ -129,7 +129,8 @@ SMALL = ["experiment=demo", "batch_size=32", "micro_batch_size=32", "max_steps=7
 def test_resume_after_sigkill_is_exact(env, tmp_path):
     """7 optimizer steps in one go == 4 steps, SIGKILL right after the mid-epoch checkpoint, the same command again;
     with the paper augmentation, 2 micro-batches per step and MESA (each with state a resume must restore). Plain
-    runs resume exactly in tests/test_slurm.py (requeue and preemption), 2 ranks in tests/test_distributed.py."""
+    runs resume exactly in tests/test_slurm.py (requeue and preemption), 2 ranks in tests/test_rank_failures.py
+    (a rank killed, torchrun's restart) and tests/test_slurm.py (a killed task requeued)."""
     extra = ["micro_batch_size=16", "mesa.weight=1.0", "mesa.start_ratio=0.0"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run("train.py", *SMALL, *extra, f"run_dir={whole}", env=env)

@@ -45,6 +45,9 @@ STYLES = {"step": dict(color="#9a9a9a", lw=0.7), "dark": dict(color="#222222", l
           "ema": dict(color="#D55E00", lw=1.4, marker="s", ms=2.5)}
 DPI = 150
 CURVES_INCHES = (10.0, 5.4)
+# Fixed for curves.png, which is redrawn during training: room for a y label and five-digit ticks on the left of
+# each panel and the title above the top row.
+CURVES_MARGINS = dict(left=0.055, right=0.99, bottom=0.085, top=0.9, wspace=0.25, hspace=0.25)
 CURVES_PX = (int(CURVES_INCHES[0] * DPI), int(CURVES_INCHES[1] * DPI))
 
 
@@ -93,13 +96,16 @@ def series(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
 
 
 # ---------------------------------------------------------------------------------------------------- drawing
-def figure(inches: tuple[float, float], rows: int = 1, cols: int = 1, **kwargs):
-    """A Figure on its own Agg canvas and its axes, styled for print: no top/right frame, small type."""
+def figure(inches: tuple[float, float], rows: int = 1, cols: int = 1, margins: dict | None = None, **kwargs):
+    """A Figure on its own Agg canvas and its axes, styled for print: no top/right frame, small type. ``margins``
+    (``Figure.subplots_adjust``'s): fixed ones instead of the constrained layout, which costs half a drawing."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=inches, dpi=DPI, layout="constrained")
+    fig = Figure(figsize=inches, dpi=DPI, layout=None if margins else "constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False, **kwargs)
+    if margins:
+        fig.subplots_adjust(**margins)
     for ax in axes.flat:
         ax.spines[["top", "right"]].set_visible(False)
         ax.tick_params(labelsize=7, length=3, width=0.6)
@@ -127,7 +133,7 @@ def save(fig, path: Path):
 
 def draw(data: dict, path: Path, title: str = ""):
     """curves.png: the six panels of PANELS against epochs, CURVES_PX pixels."""
-    fig, axes = figure(CURVES_INCHES, 2, 3, sharex=True)
+    fig, axes = figure(CURVES_INCHES, 2, 3, margins=CURVES_MARGINS, sharex=True)
     for ax, (name, ylabel, scale, lines) in zip(axes.flat, PANELS):
         label(ax, name, ylabel)
         drawn = 0

@@ -62,6 +62,19 @@ def save_torch(obj, path: str | os.PathLike, previous: Path | None = None):
         torch.save(obj, f)
 
 
-def copy(src: str | os.PathLike, dst: str | os.PathLike):
-    with replacing(dst, durable=True) as tmp:
-        shutil.copyfile(src, tmp)
+def duplicate(src: str | os.PathLike, dst: str | os.PathLike):
+    """``dst`` as a second name of the durable file ``src`` (``best`` beside ``last``): a hard link, as timm's
+    checkpoint saver makes, where the file system has them, else a durable copy. A link is safe here because no file
+    is ever written in place: the next ``last`` is a new file renamed over the name, and the old one lives on under
+    ``dst``."""
+    src, dst = Path(src), Path(dst)
+    tmp = aside(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links here (some network and FUSE file systems): the bytes once more
+        with replacing(dst, durable=True) as tmp:
+            shutil.copyfile(src, tmp)
+        return
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)

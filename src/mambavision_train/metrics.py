@@ -124,7 +124,7 @@ def duration(seconds: float) -> str:
     return (f"{days}d " if days else "") + f"{h:02d}:{rest // 60:02d}:{rest % 60:02d}"
 
 
-CURVES_EVERY = 20  # curves.png is redrawn after at least this many times its last drawing's duration
+CURVES_EVERY = 50  # curves.png is redrawn after at least this many times its last drawing's duration
 
 
 class RunMetrics:
@@ -176,9 +176,9 @@ class RunMetrics:
         if self.summarized_at != global_step:
             rundir.write_csv_from_log(self.run_dir)
             self.summarized_at = global_step
-        # matplotlib takes ~1 s to lay out and draw the figure (up to 4 s for a 300-epoch log on a loaded node) while
-        # the other ranks wait at the checkpoint: redrawn once the training since the last drawing took 20 times
-        # that (under 5% of the run; every epoch of an ImageNet run, once or twice in a demo's).
+        # matplotlib takes ~0.5 s to draw the figure (a few seconds for a 300-epoch log on a loaded node) while the
+        # other ranks wait at the checkpoint: redrawn once the training since the last drawing took CURVES_EVERY
+        # times that (under 2% of the run; every epoch of an ImageNet run, at the end only in a demo's).
         due = time.monotonic() - self.drawn_time >= CURVES_EVERY * self.draw_s
         if self.drawn_at != global_step and (final or due):
             t0 = time.monotonic()

@@ -4,7 +4,8 @@ What goes in besides the weights and the optimizer is the Checkpointer's (checkp
 format.py's. Every file is written next to its target, fsynced and renamed into place, and the directory is fsynced
 after the rename (files.py), so a kill or a power loss at any moment leaves a complete checkpoint behind. The previous
 ``last`` is kept as ``previous`` (a failed or interrupted write cannot take the only good one with it), and
-``step_<N>`` copies are bounded by ``keep_last_n``. Everything in a checkpoint is a tensor, number, string or container
+``step_<N>`` copies are bounded by ``keep_last_n``; ``best`` and the step copies are hard links to the file
+(files.duplicate). Everything in a checkpoint is a tensor, number, string or container
 of those: it loads with ``torch.load(weights_only=True)``.
 
 Under FSDP2 the model, EMA and optimizer are saved sharded with torch.distributed.checkpoint (each rank writes its
@@ -81,7 +82,7 @@ class RunCheckpoints:
             if self.is_main and ema_full is not None:
                 files.save_torch({fmt.WEIGHTS: ema_full, **self.export}, self.dir / fmt.EMA_LAST)
                 if best:
-                    files.copy(self.dir / fmt.EMA_LAST, self.dir / fmt.EMA_BEST)
+                    files.duplicate(self.dir / fmt.EMA_LAST, self.dir / fmt.EMA_BEST)
             if self.is_main and tag:
                 self._drop_old_step_copies()
         except OSError as e:
@@ -100,7 +101,7 @@ class RunCheckpoints:
         last = self.dir / (fmt.LAST + fmt.FILE)
         files.save_torch(state, last, previous=self.dir / (fmt.PREVIOUS + fmt.FILE))
         for name in names[1:]:
-            files.copy(last, self.dir / (name + fmt.FILE))
+            files.duplicate(last, self.dir / (name + fmt.FILE))
 
     def _drop_old_step_copies(self):
         steps = sorted(self.dir.glob(fmt.step_name("*") + ".*"), key=lambda p: int(p.name.split(".")[0].split("_")[1]))
