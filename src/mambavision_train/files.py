@@ -67,14 +67,8 @@ def duplicate(src: str | os.PathLike, dst: str | os.PathLike):
     checkpoint saver makes, where the file system has them, else a durable copy. A link is safe here because no file
     is ever written in place: the next ``last`` is a new file renamed over the name, and the old one lives on under
     ``dst``."""
-    src, dst = Path(src), Path(dst)
-    tmp = aside(dst)
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # no hard links here (some network and FUSE file systems): the bytes once more
-        with replacing(dst, durable=True) as tmp:
+    with replacing(dst, durable=True) as tmp:  # a link's fsync finds nothing to write; the directory's is the point
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (some network and FUSE file systems): the bytes once more
             shutil.copyfile(src, tmp)
-        return
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
