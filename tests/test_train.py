@@ -112,7 +112,8 @@ def test_the_subprocess_cases_are_in_the_table():
 @pytest.mark.slow
 def test_demo_reaches_90_percent(env, tmp_path):
     """The demo, shortened to 4 of its 8 epochs (documented bound: >= 90% base top-1 after 4 epochs)."""
-    res = run("train.py", "experiment=demo", f"run_dir={tmp_path}", "epochs=4", "progress=false", env=env)
+    res = run("train.py", "experiment=demo", f"run_dir={tmp_path}", "epochs=4", "progress=false", env=env,
+              fresh=True)  # W&B offline
     rows = dict(re.findall(r"^\| (.+?)\s+\| (.+?) \|$", res.stdout, re.M))
     assert float(rows["val top-1, base weights"]) >= 90.0, res.stdout
     ckpts = tmp_path / "checkpoints"
@@ -190,8 +191,8 @@ def test_wandb_offline_run_continues_after_resume(env, tmp_path):
     # A run that stops at step 4 (time limit, preemption with a signal), then the same command to step 7. (After a
     # SIGKILL W&B loses what it had not flushed yet; metrics.jsonl keeps every step.)
     args = [*SMALL, f"run_dir={tmp_path}", "logger.mode=offline"]
-    run("train.py", *args, "max_steps=4", env=env)
-    run("train.py", *args, env=env)
+    run("train.py", *args, "max_steps=4", env=env, fresh=True)
+    run("train.py", *args, env=env, fresh=True)
     runs = wandb_history(tmp_path)
     assert len(runs) == 2 and runs[0][0] == runs[1][0]  # one W&B run id, continued
     first, second = runs[0][1], runs[1][1]
@@ -203,7 +204,8 @@ def test_wandb_online_without_a_route_out_logs_offline_and_says_so(env, tmp_path
     """A compute node without outbound internet: logger.mode=online finds the server unreachable in seconds (not
     wandb.init's 120 s timeout, at every requeue), says so in one line with the sync command, and logs offline."""
     closed = {**env, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "a" * 40}
-    res = run("train.py", *SMALL, f"run_dir={tmp_path}", "logger.mode=online", "max_steps=2", env=closed)
+    res = run("train.py", *SMALL, f"run_dir={tmp_path}", "logger.mode=online", "max_steps=2", env=closed,
+              fresh=True)
     [line] = [ln for ln in res.stdout.splitlines() if "W&B online" in ln]
     assert line.startswith("warning: W&B online logging is not possible here (127.0.0.1:9 unreachable")
     assert f"wandb sync {tmp_path / 'wandb'}/offline-run-*" in line
@@ -245,7 +247,7 @@ def test_compiled_training_step_equals_eager(env, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     steps = ["max_steps=2", "batch_size=32", "micro_batch_size=32"]
     run("train.py", *ONE_STEP, *steps, f"run_dir={eager}", env=env)
-    run("train.py", *ONE_STEP, *steps, "compile=true", f"run_dir={compiled}", env=env)
+    run("train.py", *ONE_STEP, *steps, "compile=true", f"run_dir={compiled}", env=env, fresh=True)
     a, b = final_state(eager)["model"], final_state(compiled)["model"]
     for k, v in a.items():
         if v.is_floating_point():

@@ -32,38 +32,57 @@ def faults(env: dict, **faults) -> dict:
     return {**env, "PYTHONPATH": path, **{f"MV_FAULT_{k}": str(v) for k, v in faults.items()}}
 
 
-def run(script, *overrides, env, check=True, timeout=600, prefix=(), stdout=None):
+def run(script, *overrides, env, check=True, timeout=600, prefix=(), stdout=None, fresh=False):
     """``python script overrides`` (or ``prefix... script overrides``, e.g. torchrun) from the repository root.
-    ``stdout``: a file that gets the standard output, as under a batch scheduler (``res.stdout`` is then its text)."""
-    cmd = [*(prefix or [sys.executable]), str(ROOT / script), *overrides]
-    if stdout is None:
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    ``stdout``: a file that gets the standard output, as under a batch scheduler (``res.stdout`` is then its text).
+    A plain ``python script`` runs in this process (``run_in_process``: ~6 s of CPU less, the imports), unless it
+    needs an interpreter of its own: a launcher ``prefix``, an output file, code loaded at start-up (``faults()``'s
+    injector or another sitecustomize on PYTHONPATH), or ``fresh=True`` (what only a new process shows: W&B's
+    service and console capture, torch.compile's caches). ``timeout`` bounds the subprocess only."""
+    if not (prefix or stdout or fresh or env.get("PYTHONPATH") != os.environ.get("PYTHONPATH")):
+        res = run_in_process(script, *overrides, env=env)
     else:
-        with open(stdout, "w") as f:
-            res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.PIPE, text=True, timeout=timeout)
-        res.stdout = Path(stdout).read_text()
+        cmd = [*(prefix or [sys.executable]), str(ROOT / script), *overrides]
+        if stdout is None:
+            res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        else:
+            with open(stdout, "w") as f:
+                res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.PIPE, text=True,
+                                     timeout=timeout)
+            res.stdout = Path(stdout).read_text()
     if check and res.returncode != 0:
         raise AssertionError(f"{script} {overrides} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
 
 
 def run_in_process(script, *overrides, env: dict) -> subprocess.CompletedProcess:
-    """``run(script, *overrides, env=env, check=False)`` without starting another Python, for requests that are
-    refused before anything is built: there a new interpreter only adds the ~5 s of CPU that importing torch takes.
-    The script runs as ``__main__`` with the run's argv, environment and working directory, all restored afterwards;
-    the result holds what a user would see: the exit code, stdout, and stderr with any warning shown (as under
-    Python's default filters) or traceback. What only a fresh interpreter can show (output while importing) is left
-    to the cases that still start one."""
+    """``run(script, *overrides, env=env, check=False)`` without starting another Python: a new interpreter adds the
+    ~6 s of CPU that importing torch and timm takes. The script runs as ``__main__`` with the run's argv, environment
+    and working directory; what a run changes in the process is put back afterwards (the signal handlers it installs,
+    torch's thread count and deterministic mode, the random generators, the root logger's handlers). The result holds
+    what a user would see: the exit code, stdout, and stderr with any warning shown (as under Python's default
+    filters), any logging record (as Python's last-resort handler writes it) or traceback. DataLoader workers fork
+    from this process. What only a fresh interpreter can show (output while importing) is left to the cases that
+    still start one."""
     import contextlib
+    import gc
     import io
+    import logging
+    import random
     import runpy
+    import signal
     import traceback
     import warnings
 
+    import numpy as np
     from hydra.core.global_hydra import GlobalHydra
     argv = [str(ROOT / script), *overrides]
     out, err = io.StringIO(), io.StringIO()
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
     saved = dict(os.environ), sys.argv, os.getcwd(), torch.get_num_threads()  # FFCV's import sets the last
+    handlers = {s: signal.getsignal(s) for s in signals}
+    rngs = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    deterministic, root_handlers = torch.are_deterministic_algorithms_enabled(), logging.root.handlers[:]
     code = 0
     try:
         os.environ.clear()
@@ -73,6 +92,9 @@ def run_in_process(script, *overrides, env: dict) -> subprocess.CompletedProcess
         GlobalHydra.instance().clear()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
                 warnings.catch_warnings(record=True) as caught:
+            last_resort = logging.StreamHandler(err)  # Python's own, for a process that configured no logging
+            last_resort.setLevel(logging.WARNING)
+            logging.root.handlers = [last_resort]
             warnings.resetwarnings()
             for action, category, module in PYTHON_DEFAULT_WARNING_FILTERS:
                 warnings.filterwarnings(action, category=category, module=module, append=True)
@@ -94,6 +116,15 @@ def run_in_process(script, *overrides, env: dict) -> subprocess.CompletedProcess
         sys.argv = saved[1]
         os.chdir(saved[2])
         torch.set_num_threads(saved[3])
+        for s, h in handlers.items():
+            if h is not None:
+                signal.signal(s, h)
+        random.setstate(rngs[0])
+        np.random.set_state(rngs[1])
+        torch.set_rng_state(rngs[2])
+        torch.use_deterministic_algorithms(deterministic)
+        logging.root.handlers = root_handlers
+        gc.collect()  # the run's model, loaders and their worker processes
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
