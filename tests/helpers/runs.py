@@ -79,7 +79,8 @@ def run_in_process(script, *overrides, env: dict) -> subprocess.CompletedProcess
     argv = [str(ROOT / script), *overrides]
     out, err = io.StringIO(), io.StringIO()
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
-    saved = dict(os.environ), sys.argv, os.getcwd(), torch.get_num_threads()  # FFCV's import sets the last
+    environ, old_argv, cwd, threads = dict(os.environ), sys.argv, os.getcwd(), torch.get_num_threads()  # FFCV's
+    # import sets the thread count
     handlers = {s: signal.getsignal(s) for s in signals}
     rngs = random.getstate(), np.random.get_state(), torch.get_rng_state()
     deterministic, root_handlers = torch.are_deterministic_algorithms_enabled(), logging.root.handlers[:]
@@ -112,10 +113,10 @@ def run_in_process(script, *overrides, env: dict) -> subprocess.CompletedProcess
     finally:
         GlobalHydra.instance().clear()
         os.environ.clear()
-        os.environ.update(saved[0])
-        sys.argv = saved[1]
-        os.chdir(saved[2])
-        torch.set_num_threads(saved[3])
+        os.environ.update(environ)
+        sys.argv = old_argv
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
         for s, h in handlers.items():
             if h is not None:
                 signal.signal(s, h)
