@@ -33,6 +33,7 @@ import random
 import re
 import signal
 import threading
+import time
 
 import numpy as np
 import torch
@@ -238,27 +239,46 @@ class FolderLoader:
                 images, labels, bad = next(batches)
             except StopIteration:
                 return
-            except RuntimeError as e:
-                if not str(e).startswith("DataLoader worker (pid"):
+            except (RuntimeError, ConnectionError, EOFError, FileNotFoundError) as e:
+                # torch raises "DataLoader worker (pid N) exited unexpectedly" when the batch a dead worker owed is
+                # asked for. A batch it had queued before it died fails instead as it is unpickled: its tensors
+                # travel as file descriptors that the worker itself was to hand over.
+                dead = self._dead_workers(batches, e)
+                if not dead:
                     raise
-                raise DataError(self._worker_died(batches, str(e), batch)) from None
+                raise DataError(self._worker_died(dead, batch)) from None
             batch += 1
             self._report(bad)
             if images is not None:
                 yield images, labels
 
-    def _worker_died(self, batches, message: str, batch: int) -> str:
-        """The line for torch's "DataLoader worker (pid(s) N) exited unexpectedly": which worker, how it ended, where."""
-        found = re.match(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)", message)
-        pids = {int(p) for p in re.findall(r"\d+", found.group(1))} if found else set()
-        dead = [f"{i} (pid {w.pid}{', killed by ' + signal.Signals(-w.exitcode).name if (w.exitcode or 0) < 0 else ''})"
-                for i, w in enumerate(getattr(batches, "_workers", ())) if w.pid in pids]
+    @staticmethod
+    def _dead_workers(batches, error: Exception) -> list[str]:
+        """The workers that ``error`` comes from, named "N (pid P, killed by SIG...)"; none if it is another error."""
+        workers = list(enumerate(getattr(batches, "_workers", ())))
+        if isinstance(error, RuntimeError):
+            found = re.match(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)", str(error))
+            if not found:
+                return []
+            pids = {int(p) for p in re.findall(r"\d+", found.group(1))}
+            dead = [(i, w) for i, w in workers if w.pid in pids]
+            if not dead:
+                return [f"pid {p}" for p in sorted(pids)]
+        else:
+            # The worker's sockets close as it exits, a moment before it can be reaped.
+            deadline = time.monotonic() + 5
+            while not (dead := [(i, w) for i, w in workers if w.exitcode is not None]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return [f"{i} (pid {w.pid}{', killed by ' + signal.Signals(-w.exitcode).name if (w.exitcode or 0) < 0 else ''})"
+                for i, w in dead]
+
+    def _worker_died(self, dead: list[str], batch: int) -> str:
+        """The line for a dead worker: which one, how it ended, where the run was."""
         rank = f"rank {self.shard.rank}: " if self.shard.world_size > 1 else ""
-        workers = ", ".join(dead) or ", ".join(f"pid {p}" for p in sorted(pids))
-        return (f"{rank}DataLoader worker {workers} of {self.root} died while loading batch {batch} of epoch {self.epoch} (counted from 0) "
-                f"(SIGKILL is most often the out-of-memory killer: lower data.num_workers or ask for more memory; "
-                f"see the job's or the kernel's log); the last checkpoint is intact: run the same command again to "
-                f"resume from it")
+        return (f"{rank}DataLoader worker {', '.join(dead)} of {self.root} died while loading batch {batch} of epoch "
+                f"{self.epoch} (counted from 0) (SIGKILL is most often the out-of-memory killer: lower "
+                f"data.num_workers or ask for more memory; see the job's or the kernel's log); the last checkpoint is "
+                f"intact: run the same command again to resume from it")
 
     def _report(self, bad):
         for path, reason in bad:
