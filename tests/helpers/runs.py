@@ -79,8 +79,8 @@ def run_in_process(script, *overrides, env: dict) -> subprocess.CompletedProcess
     argv = [str(ROOT / script), *overrides]
     out, err = io.StringIO(), io.StringIO()
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
-    environ, old_argv, cwd, threads = dict(os.environ), sys.argv, os.getcwd(), torch.get_num_threads()  # FFCV's
-    # import sets the thread count
+    # the thread count too: importing FFCV sets it
+    environ, old_argv, cwd, threads = dict(os.environ), sys.argv, os.getcwd(), torch.get_num_threads()
     handlers = {s: signal.getsignal(s) for s in signals}
     rngs = random.getstate(), np.random.get_state(), torch.get_rng_state()
     deterministic, root_handlers = torch.are_deterministic_algorithms_enabled(), logging.root.handlers[:]
