@@ -1,5 +1,6 @@
-"""A real Slurm cluster on localhost for the tests: munge, slurmctld and two emulated nodes (two slurmd processes,
-n1 and n2, each with 2 CPUs and 2 fake GPUs), a preemptible ``debug`` partition and a higher-priority ``urgent`` one.
+"""A real Slurm cluster on localhost for the tests: munge, slurmctld and emulated nodes (one slurmd process each, n1
+and n2 unless told, each with 2 CPUs and 2 fake GPUs), a preemptible ``debug`` partition and a higher-priority
+``urgent`` one.
 
 Everything lives under one folder; ``stop`` kills exactly the processes it started (by pid, checked against their
 command name) and removes the folder. Recipe: ../shared/slurm-local.md.
@@ -62,6 +63,9 @@ class LocalSlurm:
     def _write_conf(self):
         # KillWait: 30 s between SIGTERM and SIGKILL (Slurm's default), time enough for the
         # step in progress and a checkpoint on a loaded 2-core machine; a job that exits sooner is not delayed.
+        # cred_expire: a requeued job may start again cred_expire + 1 s after its requeue (Slurm's default of 120 s
+        # would hold every requeue test for two minutes); 5 is the least slurmctld 22.05 accepts (below it, the
+        # default is used), ample for a step launch on one host.
         r, host = self.root, socket.gethostname().split(".")[0]
         gres = []
         nodes = []
@@ -78,7 +82,7 @@ class LocalSlurm:
         self.conf.write_text("\n".join([
             "ClusterName=mvtest", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", f"SlurmctldPort={self.port}",
             f"SlurmdPort={self.port + 1}", "AuthType=auth/munge", "CredType=cred/munge",
-            f"AuthInfo=socket={r}/munge/munge.sock,cred_expire=10", f"StateSaveLocation={r}/spool/ctld",
+            f"AuthInfo=socket={r}/munge/munge.sock,cred_expire=5", f"StateSaveLocation={r}/spool/ctld",
             f"SlurmdSpoolDir={r}/spool/d-%n", f"SlurmctldPidFile={r}/run/slurmctld.pid",
             f"SlurmdPidFile={r}/run/slurmd-%n.pid", f"SlurmctldLogFile={r}/log/slurmctld.log",
             f"SlurmdLogFile={r}/log/slurmd-%n.log", "MailProg=/bin/true", "ProctrackType=proctrack/linuxproc",
