@@ -3,6 +3,8 @@ checkpoints, resumes exactly after SIGKILL and exports EMA weights the plain mod
 paper augmentation resuming exactly: tests/test_rank_failures.py and tests/test_slurm.py, after one rank is killed.)"""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -43,20 +45,26 @@ FSDP = ["dist=fsdp", "batch_size=64", "micro_batch_size=16", "max_steps=6", "pro
 @pytest.mark.slow
 def test_fsdp_trains_saves_resumes_exactly_and_exports(env, tmp_path, few_digits):
     """6 steps (2 micro-batches each, gradient sync on the second only) across the end of epoch 0 (4 steps):
-    uninterrupted == killed with SIGKILL after the sharded checkpoint at step 3 and run again. The killed run keeps
-    gathered parameters from forward to backward (dist.reshard_after_forward=false), the others reshard: that changes
-    memory and traffic, never the numbers, so both modes train, save and resume here. Validation runs with uneven
-    shards (59 images, batches of 29: rank 0 has 2 batches, rank 1 one), which FSDP must not hang on."""
+    uninterrupted == killed with SIGKILL after its step-4 checkpoint, that newest sharded checkpoint lost under its
+    ``last.dcp`` link (a dangling link, as a crash mid-cleanup or a purge of the shared file system leaves), and run
+    again: it falls back to ``previous.dcp`` (step 2) and ends bit-equal. The killed run keeps gathered parameters
+    from forward to backward (dist.reshard_after_forward=false), the others reshard: that changes memory and traffic,
+    never the numbers, so both modes train, save and resume here. Validation runs with uneven shards (59 images,
+    batches of 29: rank 0 has 2 batches, rank 1 one), which FSDP must not hang on."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     env1 = {**env, "OMP_NUM_THREADS": "1"}
     args = [*few_digits, *FSDP]
     run("train.py", *args, f"run_dir={whole}", env=env1, prefix=torchrun(2))
     killed = run("train.py", *args, "dist.reshard_after_forward=false", f"run_dir={broken}",
-                 "checkpoint.every_n_steps=3", env=faults(env1, KILL_AT_STEP=3), prefix=torchrun(2), check=False)
+                 "checkpoint.every_n_steps=2", env=faults(env1, KILL_AT_STEP=4), prefix=torchrun(2), check=False)
     assert killed.returncode != 0
-    assert final_state(broken)["state"]["global_step"] == 3
-    resumed = run("train.py", *args, f"run_dir={broken}", "checkpoint.every_n_steps=3", env=env1, prefix=torchrun(2))
-    assert "resumed from" in resumed.stdout and "step 3/4" in resumed.stdout
+    assert final_state(broken)["state"]["global_step"] == 4
+    last, previous = broken / "checkpoints" / "last.dcp", (broken / "checkpoints" / "previous.dcp").resolve()
+    shutil.rmtree(last.resolve())
+    assert last.is_symlink() and not last.exists()
+    resumed = run("train.py", *args, f"run_dir={broken}", "checkpoint.every_n_steps=2", env=env1, prefix=torchrun(2))
+    assert re.findall(r"^resumed from (.*): epoch 0, step 2/4, global step 2$", resumed.stdout, re.M) == [
+        str(broken / "checkpoints" / "dcp" / previous.name)], resumed.stdout[-3000:]
     assert "val epoch 0" in resumed.stdout
     a, b = final_state(whole), final_state(broken)
     assert a["state"]["global_step"] == b["state"]["global_step"] == 6

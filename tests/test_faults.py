@@ -175,16 +175,3 @@ def test_an_experiment_with_another_model_gets_its_own_run_dir(monkeypatch):
         b = compose("train", overrides=["experiment=paper_mambavision_b"])
         t = compose("train", overrides=["experiment=paper_mambavision_b", "model=mambavision_t"])
     assert b.run_dir == "runs/paper_mambavision_b" and t.run_dir == "runs/paper_mambavision_t"
-
-
-@pytest.mark.slow
-def test_a_dangling_last_dcp_resumes_from_the_previous_sharded_checkpoint(env, tmp_path):
-    args = [*SHORT, "dist=fsdp", "micro_batch_size=16", f"run_dir={tmp_path}"]
-    env1 = {**env, "OMP_NUM_THREADS": "1"}
-    run("train.py", *args, "max_steps=5", env=env1, prefix=torchrun(2))
-    last = tmp_path / "checkpoints" / "last.dcp"
-    shutil.rmtree(last.resolve())
-    assert last.is_symlink() and not last.exists()
-    res = run("train.py", *args, "max_steps=7", env=env1, prefix=torchrun(2))
-    assert "resumed from" in res.stdout and "global step 4" in res.stdout, res.stdout[-2000:]
-    assert final_state(tmp_path)["state"]["global_step"] == 7
