@@ -1,8 +1,8 @@
 """The slurm/ scripts and the trainer's preemption handling on a real Slurm cluster (tests/helpers/slurm_cluster.py):
 an array job over two demo trainings, requeue and real preemption resuming to identical weights, cancellation
-staying cancelled, a Hydra multirun through submitit (one element requeued through submitit), two-node DDP
-requeued and resumed; a killed task requeueing the job (to identical weights) up to MAX_FAILURES times, a run that
-failed by itself not requeued; a slow checkpoint write on rank 0 finishing before the job requeues."""
+staying cancelled, a Hydra multirun through submitit (one element requeued through submitit), two-node DDP and FSDP2
+jobs requeued and resumed side by side, a slow checkpoint write on rank 0 finishing before the job requeues; a killed
+task requeueing the job (to identical weights) up to MAX_FAILURES times, a run that failed by itself not requeued."""
 
 import json
 import os
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.runs import DEMO, ONE_STEP, ROOT, assert_same_run, faults, final_state, run, torchrun
+from helpers.runs import DEMO, ONE_STEP, ROOT, assert_same_run, faults, final_state, torchrun
 from helpers.slurm_cluster import LocalSlurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # on one xdist worker: tests/conftest.py ONE_WORKER
@@ -27,7 +27,8 @@ ONE_TASK = ["--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=2"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = LocalSlurm(Path(tempfile.mkdtemp(prefix="mvslurm-")))  # not pytest's tmp: munged refuses 0700 parents
+    # not pytest's tmp: munged refuses 0700 parents; four nodes: two 2-node jobs side by side
+    c = LocalSlurm(Path(tempfile.mkdtemp(prefix="mvslurm-")), nodes=("n1", "n2", "n3", "n4"))
     try:
         yield c.start()
     finally:
@@ -103,7 +104,7 @@ def test_paper_table_array_job_trains_and_evaluates_two_seeds_of_the_demo(cluste
     assert {j["ArrayTaskId"]: j["Restarts"] for j in jobs} == {"0": "1", "1": "0"}
     text0 = log0.read_text()
     assert "stopped by SIGUSR1 after checkpointing (requeued job" in text0 and "resumed from" in text0, text0[-3000:]
-    assert {j["NodeList"] for j in jobs} == {"n1", "n2"}  # one element per node, side by side
+    assert len({j["NodeList"] for j in jobs}) == 2  # one element per node, side by side
     rows = [r for r in (table / "table.md").read_text().splitlines() if r.startswith("| mambavision_demo |")]
     assert len(rows) == 2
     for i in range(2):
@@ -227,47 +228,42 @@ def test_hydra_multirun_through_submitit_is_an_array_and_resumes_after_requeue(c
         assert final_state(tmp_path / name)["state"]["global_step"] == 10
 
 
-def test_two_node_ddp_survives_a_requeue_with_a_slow_save_bit_exactly(cluster, job_env, tmp_path):
-    """train_multinode.sbatch over the two emulated nodes (srun -N2, gloo, MASTER_ADDR from the first node's
-    NodeAddr), DDP with SyncBN, rank 0 taking 5 s to write every checkpoint (a big model on a shared filesystem):
-    USR1 reaches both ranks after step 2, they stop after step 3, rank 1 waits until rank 0 has written and requeued
-    (a rank that exited first would make srun kill rank 0 halfway through the write), both nodes resume at step 3;
-    the weights after 4 steps equal those of 2 processes run uninterrupted by torchrun. (That DDP equals one process
-    at the global batch is tests/test_distributed.py's; FSDP2's slow save: the next test.)"""
-    steps = [*ONE_STEP, "dist.sync_bn=true", "batch_size=32", "micro_batch_size=16", "max_steps=4", "log_every=1"]
-    out = tmp_path / "slurm.out"
-    jid = cluster.sbatch("--nodes=2", *ONE_TASK, f"--output={out}", ROOT / "slurm/train_multinode.sbatch",
-                         *steps, f"run_dir={tmp_path / 'two_nodes'}", env=faults(job_env, SLOW_SAVE=5,
-                                                                                HOLD_AT_STEPS=2))
-    wait_for(out, r"^fault: holding at global step 2 ", count=2)
-    cluster.out(["scancel", "--signal=USR1", jid])
-    [job] = cluster.wait(jid, 400)
-    text = out.read_text()
-    assert job["JobState"] == "COMPLETED" and job["NodeList"] == "n[1-2]", text[-3000:]
-    assert job["Restarts"] == "1" and text.count("received SIGUSR1") == 2, text[-3000:]
-    assert "fault: saving slowly (5 s)" in text and re.search(r"resumed from .*global step 3$", text, re.M), text[-3000:]
-    run("train.py", *steps, f"run_dir={tmp_path / 'torchrun'}", env=job_env, prefix=torchrun(2))
-    a, b = final_state(tmp_path / "torchrun"), final_state(tmp_path / "two_nodes")
+def test_two_node_ddp_and_fsdp_survive_a_requeue_with_a_slow_save_on_rank_0(cluster, job_env, tmp_path):
+    """train_multinode.sbatch over two emulated nodes each (srun -N2, gloo, MASTER_ADDR from the first node's
+    NodeAddr), side by side: DDP with SyncBN on n1-n2, FSDP2 on n3-n4 (each rank writes its shards, rank 0 the rest),
+    rank 0 taking 5 s to write every checkpoint (a big model on a shared filesystem). USR1 reaches both ranks after
+    step 2, they stop after step 3, rank 1 waits until rank 0 has written and requeued (a rank that exited first would
+    make srun kill rank 0 halfway through the write), both nodes resume at step 3 and complete; the DDP weights after
+    4 steps equal those of 2 processes run uninterrupted by torchrun, alongside. (That DDP equals one process at the
+    global batch is tests/test_distributed.py's.)"""
+    steps = [*ONE_STEP, "batch_size=32", "micro_batch_size=16", "max_steps=4", "log_every=1"]
+    kinds = {"ddp": ("n[1-2]", ["dist.sync_bn=true"]), "fsdp": ("n[3-4]", ["dist=fsdp"])}
+    with open(tmp_path / "torchrun.out", "w") as reference_out:
+        reference = subprocess.Popen([*torchrun(2), str(ROOT / "train.py"), *steps, *kinds["ddp"][1],
+                                      f"run_dir={tmp_path / 'torchrun'}"], cwd=ROOT, env=job_env, stdout=reference_out,
+                                     stderr=subprocess.STDOUT)
+    try:
+        jobs = {kind: cluster.sbatch("--nodes=2", "-w", nodes, *ONE_TASK, f"--output={tmp_path / kind}.out",
+                                     ROOT / "slurm/train_multinode.sbatch", *steps, *extra,
+                                     f"run_dir={tmp_path / kind}", env=faults(job_env, SLOW_SAVE=5, HOLD_AT_STEPS=2))
+                for kind, (nodes, extra) in kinds.items()}
+        for kind, jid in jobs.items():
+            wait_for(tmp_path / f"{kind}.out", r"^fault: holding at global step 2 ", count=2)
+            cluster.out(["scancel", "--signal=USR1", jid])
+        for kind, jid in jobs.items():
+            [job] = cluster.wait(jid, 400)
+            text = (tmp_path / f"{kind}.out").read_text()
+            assert job["JobState"] == "COMPLETED" and job["NodeList"] == kinds[kind][0], (kind, text[-3000:])
+            assert job["Restarts"] == "1" and text.count("received SIGUSR1") == 2, (kind, text[-3000:])
+            assert "fault: saving slowly (5 s)" in text, (kind, text[-3000:])
+            assert re.findall(r"^resumed from .*global step (\d+)$", text, re.M) == ["3"], (kind, text[-3000:])
+            assert final_state(tmp_path / kind)["state"]["global_step"] == 4
+        assert reference.wait(timeout=300) == 0, (tmp_path / "torchrun.out").read_text()[-3000:]
+    finally:
+        reference.kill()
+    a, b = final_state(tmp_path / "torchrun"), final_state(tmp_path / "ddp")
     assert a["world_size"] == b["world_size"] == 2 and a["state"]["global_step"] == b["state"]["global_step"] == 4
     assert_same_run(a, b)
-
-
-def test_a_slow_sharded_save_on_rank_0_is_not_cut_short_by_the_other_ranks_exit(cluster, job_env, tmp_path):
-    """The slow save of the test above under FSDP2 (each rank writes its shards, rank 0 the rest, slowly): on USR1
-    both ranks stop at the same step, rank 1 waits until rank 0 has written and requeued, the job comes back, resumes
-    at that step and completes."""
-    steps = [*ONE_STEP, "dist=fsdp", "batch_size=32", "micro_batch_size=16", "max_steps=4", "log_every=1"]
-    out = tmp_path / "slurm.out"
-    jid = cluster.sbatch("--nodes=2", *ONE_TASK, f"--output={out}", ROOT / "slurm/train_multinode.sbatch", *steps,
-                         f"run_dir={tmp_path / 'run'}", env=faults(job_env, SLOW_SAVE=5, HOLD_AT_STEPS=2))
-    wait_for(out, r"^fault: holding at global step 2 ", count=2)
-    cluster.out(["scancel", "--signal=USR1", jid])
-    [job] = cluster.wait(jid, 400)
-    text = out.read_text()
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text[-3000:]
-    assert "fault: saving slowly (5 s)" in text and text.count("received SIGUSR1") == 2, text[-3000:]
-    assert re.search(r"resumed from .*global step 3$", text, re.M), text[-3000:]
-    assert final_state(tmp_path / "run")["state"]["global_step"] == 4
 
 
 def test_a_killed_task_requeues_the_job_which_resumes_bit_exactly(cluster, job_env, tmp_path, paper_2ranks):
