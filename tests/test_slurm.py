@@ -4,6 +4,7 @@ staying cancelled, a Hydra multirun through submitit (one element requeued throu
 jobs requeued and resumed side by side, a slow checkpoint write on rank 0 finishing before the job requeues; a killed
 task requeueing the job (to identical weights) up to MAX_FAILURES times, a run that failed by itself not requeued."""
 
+import contextlib
 import json
 import os
 import re
@@ -62,6 +63,20 @@ def wait_for(path: Path, pattern: str, timeout: float = 180, count: int = 1) -> 
             return text
         time.sleep(0.3)
     raise TimeoutError(f"{pattern!r} x{count} not in {path} after {timeout} s:\n{text[-3000:]}")
+
+
+@contextlib.contextmanager
+def alongside(cmd: list, log: Path, env: dict):
+    """``cmd`` (the uninterrupted reference run) in the background while the block drives the cluster, whose jobs
+    spend much of their time waiting for Slurm; its output goes to ``log``. It must have succeeded when the block
+    ends, and is killed if the block fails."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        yield
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        proc.kill()
 
 
 def test_every_task_gets_the_cpus_of_its_allocation(cluster, job_env, tmp_path):
@@ -158,11 +173,8 @@ def test_requeue_and_preemption_resume_to_identical_weights(cluster, job_env, tm
     checkpoints and stays cancelled."""
     train = [*DEMO, "max_steps=24", *QUIET]
     out, cancelled_out = tmp_path / "slurm.out", tmp_path / "cancelled.out"
-    # The uninterrupted run, alongside: the cluster's jobs spend much of their time waiting for Slurm.
-    with open(tmp_path / "whole.out", "w") as whole_out:
-        whole = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train, f"run_dir={tmp_path / 'whole'}"],
-                                 cwd=ROOT, env=job_env, stdout=whole_out, stderr=subprocess.STDOUT)
-    try:
+    with alongside([sys.executable, ROOT / "train.py", *train, f"run_dir={tmp_path / 'whole'}"],
+                   tmp_path / "whole.out", job_env):
         jid = cluster.sbatch("-w", "n1", *ONE_TASK, f"--output={out}", ROOT / "slurm/train.sbatch", *train,
                              f"run_dir={tmp_path / 'slurm'}", env=faults(job_env, HOLD_AT_STEPS="5,8"))
         cid = cluster.sbatch("-w", "n2", *ONE_TASK, f"--output={cancelled_out}", ROOT / "slurm/train.sbatch", *train,
@@ -194,9 +206,6 @@ def test_requeue_and_preemption_resume_to_identical_weights(cluster, job_env, tm
         # scancel's SIGTERM reaches launch.sh and its tee too: they outlive the ranks' last lines
         assert "[launch] stopped by SIGTERM (task 0 exit 143): not requeued" in ctext, ctext[-2000:]
         assert final_state(tmp_path / "cancelled")["state"]["global_step"] == 4
-        assert whole.wait(timeout=300) == 0, (tmp_path / "whole.out").read_text()[-3000:]
-    finally:
-        whole.kill()
     a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "slurm")
     assert a["state"]["global_step"] == b["state"]["global_step"] == 24
     assert_same_run(a, b)
@@ -237,30 +246,25 @@ def test_two_node_ddp_and_fsdp_survive_a_requeue_with_a_slow_save_on_rank_0(clus
     4 steps equal those of 2 processes run uninterrupted by torchrun, alongside. (That DDP equals one process at the
     global batch is tests/test_distributed.py's.)"""
     steps = [*ONE_STEP, "batch_size=32", "micro_batch_size=16", "max_steps=4", "log_every=1"]
-    kinds = {"ddp": ("n[1-2]", ["dist.sync_bn=true"]), "fsdp": ("n[3-4]", ["dist=fsdp"])}
-    with open(tmp_path / "torchrun.out", "w") as reference_out:
-        reference = subprocess.Popen([*torchrun(2), str(ROOT / "train.py"), *steps, *kinds["ddp"][1],
-                                      f"run_dir={tmp_path / 'torchrun'}"], cwd=ROOT, env=job_env, stdout=reference_out,
-                                     stderr=subprocess.STDOUT)
-    try:
-        jobs = {kind: cluster.sbatch("--nodes=2", "-w", nodes, *ONE_TASK, f"--output={tmp_path / kind}.out",
-                                     ROOT / "slurm/train_multinode.sbatch", *steps, *extra,
+    nodes = {"ddp": "n[1-2]", "fsdp": "n[3-4]"}
+    kind_args = {"ddp": ["dist.sync_bn=true"], "fsdp": ["dist=fsdp"]}
+    with alongside([*torchrun(2), ROOT / "train.py", *steps, *kind_args["ddp"], f"run_dir={tmp_path / 'torchrun'}"],
+                   tmp_path / "torchrun.out", job_env):
+        jobs = {kind: cluster.sbatch("--nodes=2", "-w", nodes[kind], *ONE_TASK, f"--output={tmp_path / kind}.out",
+                                     ROOT / "slurm/train_multinode.sbatch", *steps, *kind_args[kind],
                                      f"run_dir={tmp_path / kind}", env=faults(job_env, SLOW_SAVE=5, HOLD_AT_STEPS=2))
-                for kind, (nodes, extra) in kinds.items()}
+                for kind in nodes}
         for kind, jid in jobs.items():
             wait_for(tmp_path / f"{kind}.out", r"^fault: holding at global step 2 ", count=2)
             cluster.out(["scancel", "--signal=USR1", jid])
         for kind, jid in jobs.items():
             [job] = cluster.wait(jid, 400)
             text = (tmp_path / f"{kind}.out").read_text()
-            assert job["JobState"] == "COMPLETED" and job["NodeList"] == kinds[kind][0], (kind, text[-3000:])
+            assert job["JobState"] == "COMPLETED" and job["NodeList"] == nodes[kind], (kind, text[-3000:])
             assert job["Restarts"] == "1" and text.count("received SIGUSR1") == 2, (kind, text[-3000:])
             assert "fault: saving slowly (5 s)" in text, (kind, text[-3000:])
             assert re.findall(r"^resumed from .*global step (\d+)$", text, re.M) == ["3"], (kind, text[-3000:])
             assert final_state(tmp_path / kind)["state"]["global_step"] == 4
-        assert reference.wait(timeout=300) == 0, (tmp_path / "torchrun.out").read_text()[-3000:]
-    finally:
-        reference.kill()
     a, b = final_state(tmp_path / "torchrun"), final_state(tmp_path / "ddp")
     assert a["world_size"] == b["world_size"] == 2 and a["state"]["global_step"] == b["state"]["global_step"] == 4
     assert_same_run(a, b)
